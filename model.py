@@ -1,0 +1,652 @@
+"""
+The one model of the pipeline: a GPT-2, used as policy, reference policy, reward model and value network.
+
+Policy and reference carry the language-model head; the reward model and the value network carry a scalar head
+instead (the paper's section 3.4: "a randomly initialized linear head that outputs a scalar value"). Module names
+and shapes are GPT-2's, so the Hugging Face checkpoints map one to one (`from_pretrained`) and a trained policy
+exports back to that layout (`export_hf`).
+
+Besides the model this file holds what several stages share and that is not about data: sampling with a KV cache,
+response log-probs, reading a reward at the EOS token, mixed precision, the optimizer, and checkpoint I/O.
+
+    python model.py export out/synth/ppo.pt hf/ppo     # a checkpoint -> config.json + model.safetensors
+    python model.py demo                               # a tiny random GPT: padding, KV cache, sampling
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import pickle
+import struct
+import sys
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# GPT-2's four sizes (Radford et al. 2019); everything else is shared: 1024 positions, the 50257-token BPE.
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257  # real tokens: the tokenizer's n_vocab (EOS included, PAD not)
+    block_size: int = 1024  # learned positions
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # off in every RLHF stage (a PPO ratio of exactly 1 needs a deterministic forward)
+    layer_norm_eps: float = 1e-5
+    head: str = "lm"  # "lm": next-token logits; "scalar": one number per position (reward model, value network)
+
+    @property
+    def padded_vocab_size(self):
+        # Rounded up to a multiple of 64 for fast matmuls (50257 -> 50304), always leaving at least one spare row:
+        # row `vocab_size` is the PAD embedding. Padded rows are never predicted: forward() cuts them off.
+        return (self.vocab_size + 1 + 63) // 64 * 64
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k and v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, attn_mask, is_causal, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.write(layer, k, v)  # (B, nh, T_past + T, hs)
+        # Which kernel runs: with is_causal and no mask (unpadded training batches, the prompt of an unpadded batch)
+        # CUDA takes FlashAttention, the fastest and leanest; a boolean mask (left padding, or decoding after a padded
+        # prompt) rules Flash out on CUDA, so the memory-efficient kernel runs, which accepts arbitrary masks. On the
+        # CPU, PyTorch's own flash-style kernel handles both cases. One decoded token with nothing padded needs no
+        # mask at all: it may see every cached key.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        # GPT-2 uses the tanh approximation of GELU ("gelu_new" in Hugging Face configs); the exact erf form would
+        # shift pretrained logits by ~1e-3.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, attn_mask, is_causal, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """Keys and values of every layer for one batch, allocated once for prompt + new tokens.
+
+    Besides k and v it remembers which cached positions are real tokens (so padded keys stay masked while decoding)
+    and how many real tokens each row has seen (the position of its next token)."""
+
+    def __init__(self, n_layer, batch, max_len, device):
+        self.n_layer, self.max_len = n_layer, max_len
+        self.kv = None  # (n_layer, 2, B, nh, max_len, hs), allocated at the first write in the compute dtype
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.n_real = torch.zeros(batch, dtype=torch.long, device=device)
+        self.len = 0  # positions filled so far (the same for every row: padding is part of the row)
+
+    def extend(self, valid):
+        """Register T new positions (valid: (B, T) bool); returns the key mask of the whole cache (B, len + T)."""
+        T = valid.size(1)
+        if self.len + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self.len} used, {T} more asked")
+        self.valid[:, self.len:self.len + T] = valid
+        return self.valid[:, :self.len + T]
+
+    def write(self, layer, k, v):
+        B, nh, T, hs = k.shape
+        if self.kv is None:
+            self.kv = torch.empty((self.n_layer, 2, B, nh, self.max_len, hs), dtype=k.dtype, device=k.device)
+        self.kv[layer, 0, :, :, self.len:self.len + T] = k
+        self.kv[layer, 1, :, :, self.len:self.len + T] = v
+        return self.kv[layer, 0, :, :, :self.len + T], self.kv[layer, 1, :, :, :self.len + T]
+
+    def advance(self, valid):
+        self.len += valid.size(1)
+        self.n_real += valid.sum(1)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        if cfg.head not in ("lm", "scalar"):
+            raise ValueError(f"head must be 'lm' or 'scalar', not {cfg.head!r}")
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps),
+        ))
+        if cfg.head == "lm":
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+            self.lm_head.weight = self.transformer.wte.weight  # tied input and output embeddings, as in GPT-2
+        else:
+            self.score = nn.Linear(cfg.n_embd, 1)
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) so the residual stream's variance does not
+        # grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        with torch.no_grad():  # the padding rows: never predicted, and the PAD row's input is never read
+            self.transformer.wte.weight[cfg.vocab_size:].zero_()
+        if cfg.head == "scalar":
+            self.init_scalar_head()
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def init_scalar_head(self):
+        # The paper's reward head (following lm-human-preferences): N(0, 1/(d_model + 1)), i.e. std 1/sqrt(d + 1),
+        # so the initial rewards have unit scale. Bias 0; the reward model later uses it to normalize (section 3.4).
+        nn.init.normal_(self.score.weight, mean=0.0, std=1.0 / math.sqrt(self.config.n_embd + 1))
+        nn.init.zeros_(self.score.bias)
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx, attention_mask=None, cache=None, head_from=0):
+        """idx: (B, T) token ids; attention_mask: (B, T), 1 for real tokens, 0 for padding (left padding of a
+        query, or right padding after a response's EOS). Returns (B, T - head_from, vocab_size) logits for the LM
+        head - the padded vocabulary rows are cut, so they are never predicted - or (B, T - head_from) values for
+        the scalar head. head_from skips the head on positions nobody reads (the prompt, in PPO and sampling).
+
+        Each row's positions count from its first real token, so a left-padded row computes exactly what the same
+        row computes unpadded; padded keys are masked. With a cache, idx holds the new tokens only."""
+        B, T = idx.shape
+        past = 0 if cache is None else cache.len
+        valid = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        start = 0 if cache is None else cache.n_real[:, None]
+        pos = (start + valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T); padding sits at position 0, unread
+        keys_valid = valid if cache is None else cache.extend(valid)  # (B, past + T)
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the model's {self.config.block_size} positions")
+
+        if keys_valid.all() and (past == 0 or T == 1):
+            attn_mask, is_causal = None, T > 1  # the fast paths: plain causal attention, or one token seeing all
+        else:
+            q_at = past + torch.arange(T, device=idx.device)
+            k_at = torch.arange(past + T, device=idx.device)
+            causal = k_at[None, :] <= q_at[:, None]  # (T, past + T)
+            # A padding query would see no key at all and SDPA would return NaN for it; letting it see itself keeps
+            # every number finite (its output is never read).
+            attn_mask = (causal & keys_valid[:, None, :]) | (k_at[None, :] == q_at[:, None])  # (B, T, past + T)
+            attn_mask, is_causal = attn_mask[:, None], False  # (B, 1, T, past + T): broadcast over heads
+
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, is_causal, cache, i)
+        if cache is not None:
+            cache.advance(valid)
+        x = self.transformer.ln_f(x[:, head_from:])
+        if self.config.head == "scalar":
+            return self.score(x).squeeze(-1)
+        return self.lm_head(x)[..., :self.config.vocab_size]
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # what the stages compute with the model
+
+    def response_logprobs(self, tokens, attention_mask, n_query, temperature=1.0, with_entropy=False):
+        """Log-probs of the response tokens tokens[:, n_query:] given everything before them, at a temperature.
+
+        The logits are divided by the same temperature used when sampling, so these log-probs describe the
+        distribution the tokens were drawn from (PPO's first ratio is then exactly 1). log_softmax runs in fp32.
+        Returns (B, R) log-probs, and (B, R) entropies when with_entropy."""
+        logits = self(tokens, attention_mask, head_from=n_query - 1)[:, :-1]  # position t predicts token t + 1
+        logp_all = F.log_softmax(logits.float() / max(temperature, 1e-7), dim=-1)  # (B, R, V)
+        logp = logp_all.gather(-1, tokens[:, n_query:, None]).squeeze(-1)
+        if not with_entropy:
+            return logp
+        return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+    def reward(self, tokens, attention_mask):
+        """Scalar-head output at each row's last real token - the response's EOS - whatever the padding on either
+        side (section 3.4: the reward is read once the whole summary has been seen). Returns (B,) fp32."""
+        values = self(tokens, attention_mask).float()  # (B, T)
+        return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+    @torch.no_grad()
+    def generate(self, idx, attention_mask=None, max_new_tokens=48, temperature=1.0, eos_id=None, pad_id=None,
+                 generator=None, return_logprobs=False):
+        """Sample max_new_tokens after left-padded prompts idx (B, T), with a KV cache.
+
+        temperature 0 is argmax; otherwise pure sampling from softmax(logits / temperature) (no top-k, no top-p:
+        PPO's log-probs must describe exactly what was sampled). Once a row has produced eos_id, its later tokens are
+        pad_id (default: the PAD row, vocab_size) and sampling stops when every row is done. Returns the (B, T + N)
+        tokens, and with return_logprobs also the (B, N) log-probs of the new tokens (0 after EOS)."""
+        B, T = idx.shape
+        cfg = self.config
+        pad_id = cfg.vocab_size if pad_id is None else pad_id
+        cache = KVCache(cfg.n_layer, B, T + max_new_tokens, idx.device)
+        new = torch.full((B, max_new_tokens), pad_id, dtype=idx.dtype, device=idx.device)
+        logprobs = torch.zeros(B, max_new_tokens, device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        logits = self(idx, attention_mask, cache=cache, head_from=T - 1)[:, -1]  # the prompt, in one pass
+        for t in range(max_new_tokens):
+            tok, logp = sample_token(logits, temperature, generator)
+            tok = torch.where(done, pad_id, tok)
+            new[:, t] = tok
+            logprobs[:, t] = torch.where(done, 0.0, logp)
+            if eos_id is not None:
+                done |= tok == eos_id
+                if done.all():
+                    break
+            if t + 1 < max_new_tokens:
+                logits = self(tok[:, None], cache=cache)[:, -1]
+        out = torch.cat([idx, new], dim=1)
+        return (out, logprobs) if return_logprobs else out
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Hugging Face GPT-2 checkpoints
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, head="lm"):
+        """A GPT-2 from a Hugging Face checkpoint: a directory with config.json + model.safetensors, or one of the
+        names in PRESETS (downloaded once into the cache, see hf_files). No transformers, no safetensors package."""
+        folder = hf_files(name_or_dir)
+        hf_cfg = json.loads((folder / "config.json").read_text())
+        if hf_cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+            raise ValueError(f"{folder}/config.json: activation {hf_cfg['activation_function']!r} is not GPT-2's")
+        variant = (hf_cfg.get("scale_attn_by_inverse_layer_idx") or hf_cfg.get("add_cross_attention")
+                   or not hf_cfg.get("scale_attn_weights", True)
+                   or hf_cfg.get("n_inner") not in (None, 4 * hf_cfg["n_embd"]))
+        if variant:
+            raise ValueError(f"{folder}/config.json: variants beyond GPT-2's architecture are not supported")
+        cfg = GPTConfig(vocab_size=hf_cfg["vocab_size"], block_size=hf_cfg.get("n_positions", hf_cfg.get("n_ctx")),
+                        n_layer=hf_cfg["n_layer"], n_head=hf_cfg["n_head"], n_embd=hf_cfg["n_embd"],
+                        layer_norm_eps=hf_cfg.get("layer_norm_epsilon", 1e-5), head=head)
+        model = cls(cfg)
+        hf = {k.removeprefix("transformer."): v for k, v in read_safetensors(folder / "model.safetensors").items()}
+        # Old checkpoints also store the causal-mask buffers; the LM head is the (tied) token embedding.
+        buffers = (".attn.bias", ".attn.masked_bias")
+        hf = {k: v for k, v in hf.items() if not k.endswith(buffers) and k != "lm_head.weight"}
+        ours = {k: v for k, v in model.state_dict().items() if k.startswith("transformer.")}
+        missing = sorted(k.removeprefix("transformer.") for k in ours if k.removeprefix("transformer.") not in hf)
+        unexpected = sorted(set(hf) - {k.removeprefix("transformer.") for k in ours})
+        if missing or unexpected:
+            raise ValueError(f"{folder}/model.safetensors does not match GPT-2: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for key, param in ours.items():
+                src = hf[key.removeprefix("transformer.")].float()
+                if key.endswith(CONV1D_WEIGHTS):
+                    src = src.t()  # HF's Conv1D stores (in, out); nn.Linear wants (out, in)
+                if key == "transformer.wte.weight":
+                    assert src.shape == (cfg.vocab_size, cfg.n_embd), (key, src.shape)
+                    param[: cfg.vocab_size].copy_(src)  # the padding rows stay zero
+                else:
+                    assert src.shape == param.shape, (key, tuple(src.shape), tuple(param.shape))
+                    param.copy_(src)
+        return model
+
+    def export_hf(self, out_dir, eos_id=None):
+        """Write config.json + model.safetensors in the layout of Hugging Face's GPT2LMHeadModel, so a policy
+        trained here loads in transformers (GPT2LMHeadModel.from_pretrained) and in tools that read that layout."""
+        cfg = self.config
+        if cfg.head != "lm":
+            raise ValueError("only language-model policies export to the GPT-2 layout (this model has a scalar head)")
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for key, t in self.state_dict().items():
+            if key == "lm_head.weight":
+                continue  # tied to wte; transformers re-ties it on load
+            t = t.detach().float().cpu()
+            if key == "transformer.wte.weight":
+                t = t[: cfg.vocab_size]
+            elif key.endswith(CONV1D_WEIGHTS):
+                t = t.t()
+            tensors[key] = t.contiguous()
+        eos = cfg.vocab_size - 1 if eos_id is None else eos_id  # GPT-2's <|endoftext|> is its last token
+        hf_cfg = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg.vocab_size,
+                      n_positions=cfg.block_size, n_ctx=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                      n_head=cfg.n_head, n_inner=None, activation_function="gelu_new", resid_pdrop=0.0,
+                      embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.layer_norm_eps,
+                      initializer_range=0.02, bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=True,
+                      scale_attn_weights=True, use_cache=True, torch_dtype="float32")
+        write_safetensors(out_dir / "model.safetensors", tensors)
+        atomic_write_text(out_dir / "config.json", json.dumps(hf_cfg, indent=2) + "\n")
+
+
+def sample_token(logits, temperature=1.0, generator=None):
+    """One token per row from (B, V) logits: argmax at temperature 0, else a draw from softmax(logits / temperature).
+    Returns the (B,) tokens and their (B,) log-probs under that distribution (fp32)."""
+    logp = F.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
+    if temperature > 0:
+        # Inverse-CDF sampling: one uniform per row against the cumulative probabilities. The same distribution as
+        # torch.multinomial, which on a CPU spends more time drawing 50k exponentials per row than the model spends
+        # on the token.
+        cdf = logp.exp().cumsum(-1)
+        u = torch.rand(cdf.size(0), 1, device=cdf.device, generator=generator) * cdf[:, -1:]
+        tok = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=logits.size(-1) - 1)
+    else:
+        tok = logp.argmax(-1)
+    return tok, logp.gather(1, tok[:, None]).squeeze(1)
+
+
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def last_token_index(attention_mask):
+    """(B, T) mask -> (B,) index of each row's last real token (the EOS of a response, followed only by padding)."""
+    T = attention_mask.size(1)
+    return T - 1 - attention_mask.long().flip(1).argmax(1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# safetensors, read and written by hand: 8 bytes little-endian header length, a JSON header mapping each name to its
+# dtype, shape and [begin, end) byte offsets in the data that follows, then the raw little-endian tensor bytes.
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    path = Path(path)
+    data = bytearray(path.stat().st_size)  # writable, so torch.frombuffer can view it without a warning
+    with open(path, "rb") as f:
+        f.readinto(data)
+    if len(data) < 8:
+        raise ValueError(f"{path}: not a safetensors file (only {len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a safetensors file (bad JSON header: {e})") from None
+    body = memoryview(data)[8 + n:]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        count = math.prod(info["shape"])
+        if end - begin != count * torch.tensor([], dtype=dtype).element_size() or end > len(body):
+            raise ValueError(f"{path}: tensor {name} has inconsistent offsets {begin}..{end}")
+        t = torch.frombuffer(body, dtype=dtype, count=count, offset=begin) if count else torch.empty(0, dtype=dtype)
+        tensors[name] = t.reshape(info["shape"]).clone()  # clone: own the memory, not the file's buffer
+    return tensors
+
+
+def write_safetensors(path, tensors):
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header so the data starts 8-byte aligned
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors.values():
+            f.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    os.replace(tmp, path)
+
+
+def hf_files(name_or_dir):
+    """A folder with config.json + model.safetensors: the given directory, or the cached download of a GPT-2 name."""
+    p = Path(name_or_dir)
+    if p.is_dir():
+        for f in ("config.json", "model.safetensors"):
+            if not (p / f).is_file():
+                raise FileNotFoundError(f"{p / f} is missing: a Hugging Face GPT-2 directory needs config.json and "
+                                        "model.safetensors")
+        return p
+    if name_or_dir not in PRESETS:
+        raise ValueError(f"unknown model {name_or_dir!r}: give one of {', '.join(PRESETS)} or a directory holding "
+                         "config.json and model.safetensors")
+    folder = Path(os.environ.get("TLDR_RLHF_CACHE", Path.home() / ".cache" / "tldr-rlhf")) / name_or_dir
+    endpoint = os.environ.get("TLDR_RLHF_HF_ENDPOINT", "https://huggingface.co")
+    for f in ("config.json", "model.safetensors"):
+        if not (folder / f).is_file():
+            download(f"{endpoint}/{name_or_dir}/resolve/main/{f}", folder / f,
+                     hint=f"With no network, put config.json and model.safetensors of the Hugging Face repo "
+                          f"'{name_or_dir}' in {folder}/ (or pass a local directory instead of the name).")
+    return folder
+
+
+def download(url, dest, hint=""):
+    """Fetch url to dest with a progress bar, resuming a partial .part file; fail fast (10 s) without a network."""
+    from tqdm import tqdm
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = Path(f"{dest}.part")
+    have = part.stat().st_size if part.exists() else 0
+    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        resp = urllib.request.urlopen(req, timeout=10)
+    except urllib.error.HTTPError as e:
+        if e.code == 416:  # the .part is already complete
+            os.replace(part, dest)
+            return dest
+        raise ConnectionError(f"could not download {url}: HTTP {e.code}. {hint}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise ConnectionError(f"could not download {url}: {getattr(e, 'reason', e)}. {hint}") from None
+    with resp:
+        if have and resp.status != 206:
+            have = 0  # the server ignored the range: start over
+        total = int(resp.headers.get("Content-Length", 0)) + have
+        with open(part, "ab" if have else "wb") as f, tqdm(total=total or None, initial=have, unit="B",
+                                                           unit_scale=True, desc=dest.name) as bar:
+            while chunk := resp.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+    if total and part.stat().st_size != total:
+        raise ConnectionError(f"download of {url} stopped at {part.stat().st_size} of {total} bytes; run again to "
+                              "resume")
+    os.replace(part, dest)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# devices, precision, optimizer
+
+def pick_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(device, name="auto"):
+    """bf16 where the GPU supports it, fp32 elsewhere (a CPU has no speed to gain from bf16 autocast)."""
+    if name == "auto":
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if use_bf16 else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def autocast(device, dtype):
+    """Mixed precision as one visible context: weights stay fp32, matmuls run in dtype; fp32 means no autocast."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def configure_optimizers(model, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, device_type="cpu", verbose=True):
+    """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only - not on biases or layer norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    if verbose:
+        print(f"optimizer: {len(decay)} tensors with decay ({sum(p.numel() for p in decay):,} parameters), "
+              f"{len(no_decay)} without ({sum(p.numel() for p in no_decay):,})")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device_type == "cuda")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# checkpoints: plain dicts of tensors and Python values, read with weights_only=True so loading never runs code
+
+CHECKPOINT_FORMAT = "tldr-rlhf/1"
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def plain(obj):
+    """Args and metrics as values torch.load(weights_only=True) accepts: dicts, lists, str, numbers, bool, None."""
+    if isinstance(obj, argparse.Namespace):
+        obj = vars(obj)
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+def save_checkpoint(path, model, *, stage, task, tokenizer, args=None, step=0, metrics=None, **extra):
+    """Write {format, stage, task, tokenizer, config, model, args, step, metrics, **extra} atomically: a temporary
+    file then os.replace, so a run killed mid-save leaves the previous checkpoint intact. extra may hold tensors and
+    state dicts (optimizer, RNG), which weights_only loading accepts."""
+    ckpt = dict(format=CHECKPOINT_FORMAT, stage=stage, task=task, tokenizer=tokenizer, config=asdict(model.config),
+                model=model.state_dict(), args=plain(args or {}), step=step, metrics=plain(metrics or {}), **extra)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, stage=None, map_location="cpu"):
+    """Read a checkpoint written by save_checkpoint; stage (a name or a tuple of names) is what the caller expects.
+    Anything else - a missing file, a file that is not a checkpoint, pickled code, another stage - is a
+    CheckpointError that names the file and what was expected."""
+    path = Path(path)
+    want = (stage,) if isinstance(stage, str) else stage
+    what = f"a {' or '.join(want)} checkpoint" if want else "a checkpoint"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (expected {what})")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch.save archive); expected {what}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), "not plain data")
+        raise CheckpointError(f"{path}: refused to load: it holds pickled objects or code, not plain tensors "
+                              f"({why})") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); expected {what}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a tldr-rlhf checkpoint (expected {what})")
+    if want and ckpt["stage"] not in want:
+        raise CheckpointError(f"{path}: is a {ckpt['stage']} checkpoint, expected {what}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, head=None):
+    """Rebuild the GPT of a checkpoint. head='scalar' on an LM checkpoint gives the reward model's starting point:
+    the same trunk with a fresh scalar head (and the reverse is refused: a reward model is no policy)."""
+    cfg = GPTConfig(**{f.name: ckpt["config"][f.name] for f in fields(GPTConfig) if f.name in ckpt["config"]})
+    if head is not None and head != cfg.head:
+        if cfg.head == "scalar":
+            raise CheckpointError(f"a {ckpt['stage']} checkpoint has a scalar head and cannot become a policy")
+        cfg.head = head
+    model = GPT(cfg)
+    state = ckpt["model"]
+    if cfg.head != ckpt["config"]["head"]:
+        state = {k: v for k, v in state.items() if k.startswith("transformer.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (cfg.head != ckpt["config"]["head"] and k.startswith("score."))]
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt['stage']} checkpoint does not fit its config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return model
+
+
+def atomic_write_text(path, text):
+    path = Path(path)
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+def demo():
+    """A tiny random GPT shows the properties every stage relies on, in a few seconds."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=1000, block_size=64, n_layer=2, n_head=4, n_embd=64)).eval()
+    print(f"tiny GPT: {model.num_params():,} parameters, embedding rows {model.config.padded_vocab_size}")
+    prompt = torch.randint(0, 999, (2, 10))
+    padded = torch.cat([torch.full((2, 4), 1000), prompt], 1)
+    mask = torch.cat([torch.zeros(2, 4), torch.ones(2, 10)], 1)
+    with torch.no_grad():
+        diff = (model(padded, mask)[:, 4:] - model(prompt)).abs().max().item()
+    print(f"left-padded vs unpadded logits, max |diff|: {diff:.2e}")
+    g = torch.Generator().manual_seed(0)
+    out = model.generate(padded, mask, max_new_tokens=8, temperature=0.7, generator=g)
+    print(f"sampled after a left-padded prompt: {out[:, 14:].tolist()}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    exp = sub.add_parser("export", help="write a policy checkpoint as a Hugging Face GPT-2 directory")
+    exp.add_argument("checkpoint", help="an sft.pt or ppo.pt written by this project")
+    exp.add_argument("out_dir", help="directory for config.json and model.safetensors")
+    sub.add_parser("demo", help="show padding, KV-cache sampling and shapes on a tiny random GPT")
+    args = parser.parse_args()
+    if args.command == "demo":
+        return demo()
+    try:
+        ckpt = load_checkpoint(args.checkpoint, stage=("sft", "ppo"))
+        model_from_checkpoint(ckpt).export_hf(args.out_dir)
+    except (CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.out_dir}/config.json and model.safetensors (tokenizer: {ckpt['tokenizer']})")
+
+
+if __name__ == "__main__":
+    main()

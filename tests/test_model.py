@@ -1,0 +1,317 @@
+"""model.py: GPT-2 numerics against Hugging Face, padding, the KV cache, sampling, precision, checkpoints."""
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import (GPT, CheckpointError, GPTConfig, KVCache, autocast, configure_optimizers, last_token_index,
+                   load_checkpoint, model_from_checkpoint, read_safetensors, sample_token, save_checkpoint,
+                   write_safetensors)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = dict(vocab_size=1000, block_size=64, n_layer=2, n_head=4, n_embd=64)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY, **kw})).eval()
+
+
+def left_pad(rows, length, pad=1000):
+    """Left-pad lists of ids into (B, length) tokens and mask."""
+    ids = torch.full((len(rows), length), pad)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = torch.tensor(r)
+        mask[i, length - len(r):] = 1
+    return ids, mask
+
+
+# --- against Hugging Face transformers (fixture made once in a side environment, see fixtures/make_tiny_gpt2.py) ---
+
+@pytest.fixture(scope="module")
+def hf_expected():
+    return torch.load(FIXTURES / "tiny_gpt2_expected.pt", weights_only=True)
+
+
+def test_logits_match_transformers(hf_expected):
+    model = GPT.from_pretrained(FIXTURES / "tiny-gpt2").eval()
+    assert model.config.vocab_size == 1000 and model.config.padded_vocab_size == 1024
+    with torch.no_grad():
+        logits = model(hf_expected["ids"])
+    assert logits.shape == hf_expected["logits"].shape
+    torch.testing.assert_close(logits, hf_expected["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_left_padded_logits_match_transformers(hf_expected):
+    model = GPT.from_pretrained(FIXTURES / "tiny-gpt2").eval()
+    mask = hf_expected["padded_mask"]
+    with torch.no_grad():
+        logits = model(hf_expected["padded_ids"], mask)
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], hf_expected["padded_logits"][real], atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_generation_matches_transformers(hf_expected):
+    model = GPT.from_pretrained(FIXTURES / "tiny-gpt2").eval()
+    prompt, mask, want = hf_expected["greedy_prompt"], hf_expected["greedy_mask"], hf_expected["greedy_tokens"]
+    out = model.generate(prompt, mask, max_new_tokens=want.size(1) - prompt.size(1), temperature=0)
+    assert torch.equal(out[:, prompt.size(1):], want[:, prompt.size(1):])
+
+
+# --- padding, positions, the KV cache ---
+
+def test_left_padding_gives_the_unpadded_logits():
+    model = tiny_model()
+    rows = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30]]
+    ids, mask = left_pad(rows, 9)
+    with torch.no_grad():
+        padded = model(ids, mask)
+        for i, r in enumerate(rows):
+            alone = model(torch.tensor([r]))[0]
+            torch.testing.assert_close(padded[i, 9 - len(r):], alone, atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(padded).all()  # padding queries see themselves, never an empty row of keys
+
+
+def test_head_from_cuts_positions_and_vocab_rows_are_cut():
+    model = tiny_model()
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        full, tail = model(ids), model(ids, head_from=8)
+    assert full.shape == (2, 12, 1000)  # the 24 padding rows of the embedding table never show up as logits
+    torch.testing.assert_close(tail, full[:, 8:])
+
+
+def uncached_greedy(model, ids, mask, n):
+    """Greedy decoding by re-running the whole sequence every step: the slow reference for the KV cache."""
+    for _ in range(n):
+        with torch.no_grad():
+            nxt = model(ids, mask)[:, -1].argmax(-1)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return ids
+
+
+def test_cached_generation_equals_uncached_on_a_padded_batch():
+    model = tiny_model(seed=1)
+    ids, mask = left_pad([[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]], 6)
+    cached = model.generate(ids, mask, max_new_tokens=12, temperature=0)
+    assert cached.shape == (3, 18)
+    assert torch.equal(cached, uncached_greedy(model, ids, mask, 12))
+
+
+def test_generation_logprobs_match_the_training_forward():
+    model = tiny_model(seed=2)
+    ids, mask = left_pad([[3, 4, 5, 6], [9, 10]], 4)
+    g = torch.Generator().manual_seed(0)
+    out, logp = model.generate(ids, mask, max_new_tokens=6, temperature=0.7, generator=g, return_logprobs=True)
+    full_mask = torch.cat([mask, torch.ones(2, 6, dtype=torch.long)], 1)
+    with torch.no_grad():
+        again = model.response_logprobs(out, full_mask, n_query=4, temperature=0.7)
+    torch.testing.assert_close(logp, again, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_refuses_overflow():
+    cache = KVCache(n_layer=1, batch=1, max_len=4, device="cpu")
+    cache.extend(torch.ones(1, 4, dtype=torch.bool))
+    cache.advance(torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="KV cache"):
+        cache.extend(torch.ones(1, 1, dtype=torch.bool))
+
+
+# --- sampling ---
+
+def test_same_seed_same_samples_other_seed_other_samples():
+    model = tiny_model()
+    ids, mask = left_pad([[1, 2, 3], [4, 5, 6, 7]], 4)
+    draw = lambda seed: model.generate(ids, mask, 16, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(draw(0), draw(0))
+    assert not torch.equal(draw(0), draw(1))
+
+
+def test_sampler_draws_from_softmax_over_temperature():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]]).repeat(40000, 1)
+    g = torch.Generator().manual_seed(0)
+    for temperature in (1.0, 0.7):
+        tok, logp = sample_token(logits, temperature, g)
+        want = torch.softmax(logits[0] / temperature, -1)
+        freq = torch.bincount(tok, minlength=5).float() / len(tok)
+        assert (freq - want).abs().max() < 0.01, (freq, want)  # 40k draws: ~5 standard errors
+        assert tok.max() < 5 and freq[4] == 0
+        torch.testing.assert_close(logp, want.log()[tok])
+    tok, _ = sample_token(logits[:3], 0.0)
+    assert tok.tolist() == [0, 0, 0]
+
+
+def test_padding_ids_are_never_sampled():
+    model = tiny_model()
+    with torch.no_grad():  # make the 24 padding rows irresistible if they were ever part of the distribution
+        model.transformer.wte.weight[1000:] = 50.0 * model.transformer.ln_f.weight.sign()
+    ids = torch.randint(0, 1000, (8, 5))
+    out = model.generate(ids, max_new_tokens=30, temperature=2.0, generator=torch.Generator().manual_seed(0))
+    assert out[:, 5:].max() < 1000
+
+
+def test_eos_stops_a_row_and_pads_the_rest():
+    model = tiny_model()
+    ids = torch.randint(0, 1000, (2, 5))
+    first = model.generate(ids, max_new_tokens=6, temperature=0)[:, 5]
+    eos = int(first[0])  # the token row 0 emits first: call it EOS
+    out = model.generate(ids, max_new_tokens=6, temperature=0, eos_id=eos, pad_id=1000)
+    assert out.shape == (2, 11)
+    assert out[0, 5] == eos and (out[0, 6:] == 1000).all()
+
+
+# --- precision ---
+
+def test_bf16_autocast_is_close_to_fp32():
+    model = tiny_model()
+    ids = torch.randint(0, 1000, (2, 16))
+    with torch.no_grad():
+        ref = model(ids)
+        with autocast(torch.device("cpu"), torch.bfloat16):
+            low = model(ids)
+    assert low.dtype == torch.bfloat16
+    err = (low.float() - ref).abs().max() / ref.abs().max()
+    assert err < 0.05, err
+    p, q = ref.softmax(-1), low.float().softmax(-1)
+    assert (p * (p.log() - q.log())).sum(-1).mean() < 1e-2  # KL(fp32 || bf16) per position, in nats
+
+
+# --- scalar head, reward at EOS ---
+
+def test_scalar_head_init_and_shape():
+    model = tiny_model(head="scalar", n_embd=256, n_head=4)
+    w = model.score.weight
+    assert w.shape == (1, 256) and model.score.bias.item() == 0
+    assert abs(w.std().item() - 1 / math.sqrt(257)) < 0.25 / math.sqrt(257)
+    assert model(torch.randint(0, 1000, (3, 7))).shape == (3, 7)
+
+
+def test_reward_is_read_at_eos_whatever_the_padding():
+    model = tiny_model(head="scalar")
+    query, response = [5, 6, 7], [8, 9, 999]  # 999 plays EOS
+    left = torch.tensor([[1000, 1000] + query + response])
+    left_mask = (left != 1000).long()
+    right = torch.tensor([query + response + [1000, 1000]])
+    right_mask = (right != 1000).long()
+    assert last_token_index(left_mask).item() == 7 and last_token_index(right_mask).item() == 5
+    with torch.no_grad():
+        r_left, r_right = model.reward(left, left_mask), model.reward(right, right_mask)
+        r_alone = model(torch.tensor([query + response]))[0, -1]
+    torch.testing.assert_close(r_left, r_right, atol=1e-5, rtol=0)
+    torch.testing.assert_close(r_left[0], r_alone, atol=1e-5, rtol=0)
+
+
+# --- Hugging Face layout: safetensors, export, loading errors ---
+
+def test_safetensors_round_trip(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(2, 2).bfloat16()}
+    write_safetensors(tmp_path / "x.safetensors", tensors)
+    raw = (tmp_path / "x.safetensors").read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert (8 + header_len) % 8 == 0  # data starts aligned
+    back = read_safetensors(tmp_path / "x.safetensors")
+    assert back.keys() == tensors.keys()
+    for k in tensors:
+        assert back[k].dtype == tensors[k].dtype and torch.equal(back[k], tensors[k])
+
+
+def test_export_then_from_pretrained_gives_identical_logits(tmp_path):
+    model = tiny_model(seed=3)
+    model.export_hf(tmp_path / "hf")
+    back = GPT.from_pretrained(tmp_path / "hf").eval()
+    ids, mask = left_pad([[1, 2, 3, 4, 5], [6, 7]], 5)
+    with torch.no_grad():
+        assert torch.equal(model(ids, mask), back(ids, mask))
+    keys = read_safetensors(tmp_path / "hf" / "model.safetensors")
+    assert keys["transformer.wte.weight"].shape == (1000, 64)  # vocabulary rows cut back to the real ones
+    assert keys["transformer.h.0.attn.c_attn.weight"].shape == (64, 192)  # Conv1D layout: (in, out)
+
+
+def test_from_pretrained_names_what_is_wrong(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="unknown model 'gpt3'"):
+        GPT.from_pretrained("gpt3")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        GPT.from_pretrained(tmp_path / "bad")
+    tiny_model().export_hf(tmp_path / "cut")
+    tensors = read_safetensors(tmp_path / "cut" / "model.safetensors")
+    del tensors["transformer.h.1.mlp.c_fc.bias"]
+    write_safetensors(tmp_path / "cut" / "model.safetensors", tensors)
+    with pytest.raises(ValueError, match=r"missing \['h.1.mlp.c_fc.bias'\]"):
+        GPT.from_pretrained(tmp_path / "cut")
+
+
+def test_download_without_network_fails_fast_and_says_where_files_go(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLDR_RLHF_CACHE", str(tmp_path))
+    monkeypatch.setenv("TLDR_RLHF_HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    start = time.time()
+    with pytest.raises(ConnectionError) as err:
+        GPT.from_pretrained("gpt2")
+    assert time.time() - start < 15
+    assert str(tmp_path / "gpt2") in str(err.value) and "config.json" in str(err.value)
+
+
+# --- optimizer ---
+
+def test_weight_decay_only_on_2d_weights():
+    model = tiny_model()
+    opt = configure_optimizers(model, lr=1e-3, weight_decay=0.1, verbose=False)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    n = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n == sum(p.numel() for p in model.parameters())  # the tied embedding counted once
+
+
+# --- checkpoints ---
+
+def test_checkpoint_round_trip_with_metadata(tmp_path):
+    model = tiny_model()
+    save_checkpoint(tmp_path / "sft.pt", model, stage="sft", task="synth", tokenizer="synth-words",
+                    args={"lr": 1e-3, "out_dir": tmp_path}, step=7, metrics={"loss": 1.5})
+    assert not list(tmp_path.glob("*.tmp"))
+    ckpt = load_checkpoint(tmp_path / "sft.pt", stage="sft")
+    assert (ckpt["stage"], ckpt["task"], ckpt["tokenizer"], ckpt["step"]) == ("sft", "synth", "synth-words", 7)
+    assert ckpt["args"]["out_dir"] == str(tmp_path) and ckpt["metrics"] == {"loss": 1.5}
+    back = model_from_checkpoint(ckpt).eval()
+    ids = torch.randint(0, 1000, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))
+        rm = model_from_checkpoint(ckpt, head="scalar")
+        assert torch.equal(rm.transformer.h[1].mlp.c_fc.weight, model.transformer.h[1].mlp.c_fc.weight)
+        assert rm(ids).shape == (2, 8)
+
+
+def test_checkpoint_errors_name_the_file_and_the_expectation(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nope\.pt: no such file \(expected a sft checkpoint\)"):
+        load_checkpoint(tmp_path / "nope.pt", stage="sft")
+    save_checkpoint(tmp_path / "reward.pt", tiny_model(head="scalar"), stage="reward", task="synth", tokenizer="t")
+    with pytest.raises(CheckpointError, match="is a reward checkpoint, expected a sft or ppo checkpoint"):
+        load_checkpoint(tmp_path / "reward.pt", stage=("sft", "ppo"))
+    with pytest.raises(CheckpointError, match="cannot become a policy"):
+        model_from_checkpoint(load_checkpoint(tmp_path / "reward.pt"), head="lm")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="foreign.pt: not a tldr-rlhf checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+class Payload:
+    """An object whose unpickling would run code: weights_only loading must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickled_code_is_refused(tmp_path, capsys):
+    torch.save({"format": "tldr-rlhf/1", "stage": "sft", "evil": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt: refused to load"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert "this must never run" not in capsys.readouterr().out
