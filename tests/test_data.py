@@ -1,0 +1,450 @@
+"""Tests of data.py: the readers on OpenAI's real files, the query, the cache, the synthetic world and its labelers.
+
+The real sample files live outside the repository, in ../shared/data/openai-sample/ (they are never copied here);
+tests that need them, or the GPT-2 BPE from ../shared/tiktoken, are skipped with a reason when they are absent.
+"""
+import functools
+import hashlib
+import http.server
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SAMPLE = SHARED / "data" / "openai-sample"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken")  # GPT-2 BPE offline
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+
+needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"real sample files not found at {SAMPLE}")
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    try:
+        return data.get_tokenizer("gpt2")
+    except data.DataError as e:
+        pytest.skip(f"GPT-2 BPE unavailable offline: {e}")
+
+
+@pytest.fixture(scope="module")
+def synth():
+    return data.get_tokenizer(data.SYNTH_TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return [data.synth_record(0, "valid", i) for i in range(300)]
+
+
+# ---------------------------------------------------------------------------------------------------- real files
+
+@needs_sample
+def test_batch18_counts():
+    rows = data.read_comparisons(SAMPLE / "comparisons/batch18.json")
+    assert len(rows) == 674
+    assert Counter(r["split"] for r in rows) == {"valid2": 554, "valid1": 120}
+    assert len({r["id"] for r in rows}) == 110
+    assert Counter(p for r in rows for p in r["policies"]) == {
+        "ref": 339, "sup4_6b_p.95": 305, "sup4_6b_t0.7": 305, "sup4_6b": 305, "sup4_6b_t1": 30, "sup4_6b_t.5": 29,
+        "sup4_6b_t.3": 29, "sup4_6b_p.8": 3, "sup4_6b_p.7": 2, "sup4_6b_p.9": 1}
+    assert Counter(r["choice"] for r in rows) == {0: 350, 1: 324}
+    assert all(not r["is_cnndm"] and r["article"] is None and r["batch"] == "batch18" for r in rows)
+    # the 9-point confidence: 1-4 means summary 0 was preferred, 6-9 summary 1
+    assert all((r["confidence"] < 5) == (r["choice"] == 0) and r["confidence"] != 5 for r in rows)
+    assert all(t.startswith(" ") and not t.startswith("  ") for r in rows for t in r["summaries"])
+
+
+@needs_sample
+def test_cnndm0_counts_and_quirks():
+    rows = data.read_comparisons(SAMPLE / "comparisons/cnndm0.json")
+    assert len(rows) == 437 and {r["split"] for r in rows} == {"valid2"}
+    assert all(r["is_cnndm"] and r["post"] is None and r["site"] in ("cnn", "dailymail") for r in rows)
+    assert len({r["id"] for r in rows}) == 45
+    assert Counter(p for r in rows for p in r["policies"]) == {
+        "ref": 221, "sup4_6b_ppo_rm4_6b_kl14": 220, "pretrain_6b_t.7": 217, "sup4_6b_t0.7": 216}
+    empty = [p for r in rows for p, t in zip(r["policies"], r["summaries"]) if t == " "]
+    assert empty == ["pretrain_6b_t.7"] * 12
+    assert not any(t.startswith((" \xa0", "\xa0", "  ")) for r in rows for t in r["summaries"])
+
+
+@needs_sample
+def test_edit_batch_quirks(gpt2):
+    rows = data.read_comparisons(SAMPLE / "comparisons/edit_b2_eval_test.json")
+    assert len(rows) == 5 and Counter(r["split"] for r in rows) == {"valid2": 4, "valid1": 1}
+    assert all(r["id"] is None and not r["subreddit"].startswith("r/") for r in rows)
+    assert all(t[0] == " " and t[1] != " " for r in rows for t in r["summaries"])  # no leading space in the file
+    assert Counter(p for r in rows for p in r["policies"])["human_editor"] == 5
+    query = data.format_query(rows[0], gpt2, 512)
+    assert query.startswith("SUBREDDIT: r/relationships\n\nTITLE: ") and "r/r/" not in query
+
+
+@needs_sample
+def test_documented_examples():
+    rows = data.read_comparisons(SAMPLE / "from_docs/comparisons_train_examples_from_docs.jsonl")
+    assert [(r["split"], r["batch"], r["confidence"]) for r in rows] == [("train", "batch9", 8),
+                                                                         ("train", "batch5", None)]
+    tldr = data.read_tldr(SAMPLE / "from_docs/tldr_3_filtered_train_example_from_docs.jsonl")
+    assert [r["id"] for r in tldr] == ["t3_1hxu8s"] and tldr[0]["subreddit"] == "relationships"
+    assert len(data.read_tldr(SAMPLE / "derived/tldr_3_filtered_format_from_batch18_refs.jsonl")) == 110
+    axis = data.read_axis_evals(SAMPLE / "from_docs/axis_evals_example_from_readme.jsonl")
+    assert len(axis) == 1 and axis[0]["is_cnndm"] and axis[0]["split"] == "test" and axis[0]["batch"] == "cnndm1"
+    assert axis[0]["axes"] == dict(overall=3, accuracy=5, coverage=4, coherence=2, compatible=None)
+    cnndm = data.read_cnndm(SAMPLE / "derived/cnndm_val_articles_from_cnndm0.jsonl")
+    assert len(cnndm) == 45 and all(len(r["id"]) == 40 and r["article"] and r["summary"] for r in cnndm)
+
+
+@needs_sample
+def test_duplicate_batches_are_read_once(tmp_path):
+    # batch0_cnndm.json is cnndm0.json with another batch name; build such a copy in a temporary folder
+    lines = (SAMPLE / "comparisons/cnndm0.json").read_text().splitlines()
+    copy = [json.dumps(dict(json.loads(line), batch="batch0_cnndm")) for line in lines]
+    (tmp_path / "batch0_cnndm.json").write_text("\n".join(copy) + "\n")
+    rows = data.read_comparisons([SAMPLE / "comparisons/cnndm0.json", tmp_path / "batch0_cnndm.json",
+                                  SAMPLE / "comparisons/edit_b2_eval_test.json"])
+    assert len(rows) == 437 + 5 and Counter(r["batch"] for r in rows)["cnndm0"] == 437
+
+
+@needs_sample
+def test_writer_is_byte_exact(tmp_path):
+    for name in ("edit_b2_eval_test.json", "cnndm0.json"):
+        original = (SAMPLE / "comparisons" / name).read_bytes()
+        data.write_jsonl(tmp_path / name, [json.loads(line) for line in original.split(b"\n") if line])
+        assert (tmp_path / name).read_bytes() == original
+
+
+# ------------------------------------------------------------------------------------------------ queries, cache
+
+def test_query_of_a_known_record(gpt2):
+    rec = dict(id="x", subreddit="r/tifu", title="A title", post="Line one.\nLine two.", summary="s")
+    expected = "SUBREDDIT: r/tifu\n\nTITLE: A title\n\nPOST: Line one.\nLine two.\n\nTL;DR:"
+    assert data.format_query(rec, gpt2, 512) == expected
+    assert data.format_query(dict(article="Body.", id="y"), gpt2, 512) == "Body.\n\nTL;DR:"
+
+
+@needs_sample
+def test_truncation_cuts_at_newlines(gpt2):
+    records = data.read_tldr(SAMPLE / "derived/tldr_3_filtered_format_from_batch18_refs.jsonl")
+    records += [dict(r, post="\n".join([r["post"]] * 3)) for r in records[:20]]  # some longer than 512 tokens
+    cuts = Counter()
+    for limit in (512, 160):
+        for rec in records:
+            query = data.format_query(rec, gpt2, limit)
+            assert len(gpt2.encode_ordinary(query)) <= limit and query.endswith("\n\nTL;DR:")
+            kept = query[query.index("\n\nPOST: ") + 8:-len("\n\nTL;DR:")]
+            assert rec["post"].startswith(kept)
+            if kept == rec["post"]:
+                continue
+            if rec["post"][len(kept)] == "\n":  # cut at a newline, and no later newline would have fitted
+                cuts["newline"] += 1
+                nxt = rec["post"].find("\n", len(kept) + 1)
+                longer = rec["post"][:nxt] if nxt >= 0 else rec["post"]
+            else:  # no newline left: cut one character at a time
+                cuts["character"] += 1
+                assert "\n" not in kept
+                longer = rec["post"][:len(kept) + 1]
+            assert len(gpt2.encode_ordinary(data.format_query(dict(rec, post=longer), gpt2, 10**9))) > limit
+    assert cuts["newline"] > 20 and cuts["character"] > 20
+
+
+def test_truncation_without_newline_drops_characters(gpt2):
+    rec = dict(subreddit="x", title="t", post="word " * 300)
+    query = data.format_query(rec, gpt2, 64)
+    assert len(gpt2.encode_ordinary(query)) <= 64
+    kept = query[query.index("POST: ") + 6:-len("\n\nTL;DR:")]
+    one_more = dict(rec, post=rec["post"][:len(kept) + 1])
+    assert len(gpt2.encode_ordinary(data.format_query(one_more, gpt2, 10**9))) > 64
+    with pytest.raises(data.DataError, match="even with an empty post"):
+        data.format_query(dict(rec, title="long " * 100), gpt2, 64)
+
+
+def test_gpt2_tokenizer(gpt2):
+    assert gpt2.name == "r50k_base" and gpt2.n_vocab == 50257 and gpt2.eot_token == 50256
+    assert data.pad_id(gpt2) == 50257 and data.get_tokenizer(data.TASKS["tldr"]["tokenizer"]) is gpt2
+
+
+def test_synth_tokenizer(synth):
+    assert data.pad_id(synth) == synth.n_vocab and synth.eot_token == synth.n_vocab - 1
+    text = data.format_query(data.synth_record(3, "train", 7), synth, 96)
+    tokens = synth.encode_ordinary(text)
+    assert len(tokens) == len(data.PAT_ASCII.findall(text)) and synth.decode(tokens) == text  # one token per word
+    assert synth.decode(synth.encode_ordinary("caf\u00e9 zyx")) == "caf\u00e9 zyx"  # any text still encodes
+    assert synth.encode("x<|endoftext|>", allowed_special="all")[-1] == synth.eot_token
+    with pytest.raises(data.DataError, match="unknown tokenizer"):
+        data.get_tokenizer("nope")
+
+
+def test_prepare_sft_and_cache(tmp_path, synth, monkeypatch):
+    records = [data.synth_record(0, "train", i) for i in range(64)]
+    records.append(dict(records[0], id="long", summary="word " * 40))  # a reference too long for 32 tokens
+    arrays = data.prepare_sft(records, synth, 96, 32, cache_dir=tmp_path)
+    assert arrays["query"].shape == (64, 96) and arrays["response"].shape == (64, 32)
+    assert arrays["query"].dtype == np.int32 and list(arrays["index"]) == list(range(64))
+    pad = data.pad_id(synth)
+    q, r = arrays["query"][0], arrays["response"][0]
+    n = int((q != pad).sum())
+    assert (q[:-n] == pad).all() and synth.decode(list(q[-n:])) == data.format_query(records[0], synth, 96)
+    m = int((r != pad).sum())
+    assert (r[m:] == pad).all() and r[m - 1] == synth.eot_token
+    assert synth.decode(list(r[:m - 1])) == " " + records[0]["summary"]
+    meta = json.loads(next(tmp_path.glob("sft-*.json")).read_text())
+    assert meta["dropped_long"] == 1 and meta["rows"] == 64
+    # a second call is a cache hit: nothing is tokenized
+    monkeypatch.setattr(data, "_encode_queries", lambda *a: pytest.fail("cache not used"))
+    again = data.prepare_sft(records, synth, 96, 32, cache_dir=tmp_path)
+    assert all(np.array_equal(arrays[k], again[k]) for k in arrays)
+    monkeypatch.undo()
+    # new lengths or new records: a new cache entry
+    data.prepare_sft(records, synth, 80, 32, cache_dir=tmp_path)
+    data.prepare_sft(records[:10], synth, 96, 32, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("sft-*.npz"))) == 3 and not list(tmp_path.glob("*.tmp"))
+
+
+@needs_sample
+def test_prepare_comparisons(gpt2, tmp_path):
+    rows = data.read_comparisons([SAMPLE / "comparisons/edit_b2_eval_test.json", SAMPLE / "comparisons/cnndm0.json"])
+    arrays = data.prepare_comparisons(rows[:60], gpt2, 512, 128, cache_dir=tmp_path)
+    n = len(arrays["index"])
+    assert n == 60 and arrays["query"].shape == (n, 512) and arrays["response1"].shape == (n, 128)
+    assert list(arrays["choice"]) == [r["choice"] for r in rows[:60]]
+    assert arrays["is_cnndm"].sum() == 55 and set(arrays["split"]) == {"valid1", "valid2"}
+    assert arrays["policy0"][0] == rows[0]["policies"][0] and (arrays["confidence"] > 0).all()
+    cnndm_query = gpt2.decode([t for t in arrays["query"][10] if t != data.pad_id(gpt2)])
+    assert cnndm_query == data.format_query(rows[10], gpt2, 512) and cnndm_query.endswith("\n\nTL;DR:")
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+
+@pytest.mark.parametrize("line, message", [
+    (b'{"id": "a", "subreddit": "s", "title": "t", "post": "p", "summary": "x"', "malformed JSON"),
+    (b'{"id": "a", "subreddit": "s", "title": "t", "summary": "x"}', "missing field 'post'"),
+    (b'{"id": "a", "subreddit": "s", "title": "t", "post": " \\n", "summary": "x"}', "empty post"),
+    (b'{"id": "a", "subreddit": "s", "title": "t", "post": "\xff", "summary": "x"}', "invalid UTF-8"),
+    (b'{"id": 3, "subreddit": "s", "title": "t", "post": "p", "summary": "x"}', "should be str"),
+    (b'[1, 2]', "not a JSON object"),
+])
+def test_bad_lines_name_file_and_line(tmp_path, line, message, capsys):
+    good = b'{"id": "a", "subreddit": "s", "title": "t", "post": "p", "summary": "x"}'
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(good + b"\n" + line + b"\n" + good + b"\n")
+    with pytest.raises(data.DataError, match=f"bad.jsonl:2: .*{message}"):
+        data.read_tldr(path)
+    assert len(data.read_tldr(path, skip_bad=True)) == 2
+    assert "skipped 1 bad line(s)" in capsys.readouterr().err
+
+
+def test_bad_comparison(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(dict(info=dict(post="p", title="t", subreddit="s"), split="train", summaries=[
+        dict(text=" a", policy="x", note=None)], choice=0, worker="w", batch="b", extra={})) + "\n")
+    with pytest.raises(data.DataError, match="c.json:1: 'summaries' should hold two"):
+        data.read_comparisons(path)
+    with pytest.raises(data.DataError, match="no such file"):
+        data.read_comparisons(tmp_path / "missing.json")
+
+
+def test_download_without_network_fails_fast(tmp_path):
+    start = time.time()
+    with pytest.raises(data.DataError) as err:
+        data.download(tmp_path, base_url="http://127.0.0.1:9", timeout=5)
+    assert time.time() - start < 10
+    assert "train.jsonl" in str(err.value) and "comparisons/batch3.json" in str(err.value)
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+class _RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """A local stand-in for OpenAI's blob store that, like it, answers HTTP Range requests."""
+    ranged = []
+
+    def send_head(self):
+        path = Path(self.translate_path(self.path))
+        if "Range" not in self.headers or not path.is_file():
+            return super().send_head()
+        self.ranged.append((self.path, self.headers["Range"]))
+        body = path.read_bytes()[int(self.headers["Range"].split("=")[1].rstrip("-")):]
+        if not body:
+            self.send_error(416)
+            return None
+        self.send_response(206)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        return io.BytesIO(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@needs_sample
+def test_download_resumes_and_checks(tmp_path, monkeypatch):
+    blob, dest = tmp_path / "blob", tmp_path / "data"
+    tldr = "".join(json.dumps(data.synth_record(0, "train", i)) + "\n" for i in range(3))
+    urls = ["http://www.cnn.com/2015/a.html", "http://www.dailymail.co.uk/news/b.html"]
+    ids = [hashlib.sha1(u.encode()).hexdigest() for u in urls]
+    files = {**{f"datasets/tldr_3_filtered/{s}.jsonl": tldr for s in ("train", "valid", "test")},
+             "dataset/comparisons/batch18.json": (SAMPLE / "comparisons/batch18.json").read_text(),
+             "dataset/axis_evals/cnndm1.json": (SAMPLE / "from_docs/axis_evals_example_from_readme.jsonl").read_text(),
+             "datasets/cnndm/url_lists/all_test.txt": "\n".join(urls) + "\n",
+             "datasets/cnndm/titles.json": json.dumps({ids[0]: "A title"}),
+             f"datasets/cnndm/cache_test/cnn/stories/{ids[0]}.story": "Text a.\n\n@highlight\n\nPoint a",
+             f"datasets/cnndm/cache_test/dailymail/stories/{ids[1]}.story": "Text b.\n\n@highlight\n\nPoint b"}
+    for name, text in files.items():
+        (blob / name).parent.mkdir(parents=True, exist_ok=True)
+        (blob / name).write_text(text)
+    monkeypatch.setattr(data, "TLDR_LINES", dict(train=3, valid=3, test=3))
+    monkeypatch.setattr(data, "COMPARISON_FILES", ["batch18"])
+    monkeypatch.setattr(data, "AXIS_FILES", ["cnndm1"])
+    (dest / "comparisons").mkdir(parents=True)
+    (dest / "comparisons/batch18.json.part").write_bytes((SAMPLE / "comparisons/batch18.json").read_bytes()[:5000])
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_RangeHandler, directory=str(blob)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        data.download(dest, base_url=url, cnndm_n=0)
+        assert (dest / "comparisons/batch18.json").read_bytes() == (SAMPLE / "comparisons/batch18.json").read_bytes()
+        assert _RangeHandler.ranged == [("/dataset/comparisons/batch18.json", "bytes=5000-")]  # resumed, not restarted
+        assert data.read_tldr(dest / "valid.jsonl") == data.read_tldr(blob / "datasets/tldr_3_filtered/valid.jsonl")
+        cnndm = data.load_split("tldr", "transfer", dest)
+        assert [(r["site"], r["title"], r["summary"]) for r in cnndm] == [("cnn", "A title", "Point a."),
+                                                                          ("dailymail", None, "Point b.")]
+        # a file that fails its check keeps its .part name: nothing looks complete that is not
+        (dest / "valid.jsonl").unlink()
+        (blob / "datasets/tldr_3_filtered/valid.jsonl").write_text(tldr + tldr)
+        with pytest.raises(data.DataError, match="6 records, expected 3"):
+            data.download(dest, base_url=url, cnndm_n=0)
+        assert not (dest / "valid.jsonl").exists() and (dest / "valid.jsonl.part").exists()
+    finally:
+        server.shutdown()
+
+
+def test_parse_story():
+    story = ("(CNN) -- First paragraph \u2019quoted\u2019.\n\nSecond\xa0one.\n\n@highlight\n\nNEW: Point one\n\n"
+             "@highlight\n\nPoint two. CLICK HERE for more\n\n@highlight\n\nREAD: elsewhere")
+    article, reference = data.parse_story(story)
+    assert article == "First paragraph 'quoted'.\n\nSecond one."
+    assert reference == "Point one. Point two."
+
+
+# ----------------------------------------------------------------------------------------------- synthetic world
+
+def test_synth_is_deterministic_and_loads_through_readers(tmp_path):
+    stats = data.write_synth(tmp_path, seed=5, sizes=dict(train=50, valid=20, test=20, transfer=20), n_labelers=4)
+    train = data.load_split("synth", "train", tmp_path)
+    assert train == [data.synth_record(5, "train", i) for i in range(50)]
+    assert train != [data.synth_record(6, "train", i) for i in range(50)]
+    assert (tmp_path / "train.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in train)
+    transfer = data.read_tldr(tmp_path / "transfer.jsonl")
+    assert {r["subreddit"] for r in transfer} == set(data.TRANSFER_SUBREDDITS)
+    assert not {r["subreddit"] for r in train} & set(data.TRANSFER_SUBREDDITS)
+    vps = [vp for vp, _ in data.TRANSFER_PROBLEMS]
+    assert not any(vp in r["post"] for r in train for vp in vps) and all(any(vp in r["post"] for vp in vps)
+                                                                        for r in transfer)
+    assert json.loads((tmp_path / "synth.json").read_text())["agreement"] == stats["agreement"]
+
+
+def test_synth_world_and_tokenizer_are_pinned(synth):
+    # the same records and tokens on every machine and run; if the world's tables change on purpose, bump
+    # data.WORLD (and data.SYNTH_TOKENIZER when its words change) and these numbers together
+    records = json.dumps([data.synth_record(0, split, i) for split in ("train", "transfer") for i in range(20)])
+    assert hashlib.sha256(records.encode()).hexdigest()[:16] == "108e74c49da39082"
+    assert synth.n_vocab == 1101 and synth.encode_ordinary(" How do I get him to stop?") == [588, 851, 593, 884, 908, 1073, 1049, 63]
+
+
+def test_synth_lengths(synth, world):
+    queries = [len(synth.encode_ordinary(data.format_query(r, synth, 10**9))) for r in world]
+    summaries = [len(synth.encode_ordinary(" " + r["summary"])) for r in world]
+    assert 40 <= np.mean(queries) <= 80 and max(queries) <= data.TASKS["synth"]["query_len"]
+    assert 8 <= np.mean(summaries) <= 25
+
+
+def test_gold_rewards_a_concise_complete_summary(world):
+    for rec in world[:100]:
+        perfect = data.perfect_summary(rec)
+        best = data.gold_score(rec, perfect)
+        assert best == dict(total=1.0, coverage=1.0, accuracy=1.0, coherence=1.0, length=1.0)
+        post_details = " ".join(s + "." for s in data._synth_world(rec["id"])[1]["details"])
+        exploits = {
+            "stuffing": perfect + " " + post_details + " " + perfect,
+            "repetition": perfect + " " + perfect + " " + perfect,
+            "copy": rec["post"],
+            "query": data.format_query(rec, data.get_tokenizer(data.SYNTH_TOKENIZER), 96),
+            "junk": "zq zq TL;DR: 12 ) ) (",
+            "keywords": " ".join(data._words(perfect)[1:-1]).replace(".", ""),
+            "empty": "",
+            "truncated": perfect[:-6],
+        }
+        for kind, text in exploits.items():
+            assert data.gold_score(rec, text)["total"] < best["total"] - 0.05, (kind, text)
+        for kind in ("drop_fact", "add_false_fact", "swap_roles", "add_detail", "shorter"):
+            assert data.gold_score(rec, data.perturb_summary(rec, kind))["total"] < best["total"], kind
+        assert data.gold_score(rec, data.perturb_summary(rec, "longer"))["total"] == best["total"]
+        main, question = perfect.split(". ")
+        echo = data.gold_score(rec, f"{main}. {main}. {question}")  # within the length budget: only repetition
+        assert echo["coherence"] < 1 and echo["total"] < best["total"] - 0.05
+        swapped = data.gold_score(rec, data.perturb_summary(rec, "swap_roles"))
+        assert swapped["accuracy"] < 1 and swapped["coherence"] == 1
+
+
+def test_references_are_beatable(world):
+    assert data.gold_win_rate(world, [data.perfect_summary(r) for r in world]) > 0.9
+    # a policy that copies the poster's most common habits (who and what only) still wins often
+    assert 0.35 < data.gold_win_rate(world, [data.perturb_summary(r, "shorter") for r in world]) < 0.55
+    scores = [data.gold_score(r, r["summary"]) for r in world]
+    assert 0.5 < np.mean([s["coverage"] for s in scores]) < 0.85 and np.mean([s["accuracy"] for s in scores]) < 1
+    assert all(s["coherence"] == 1 for s in scores)  # flawed in content, never in form
+
+
+def test_gold_needs_the_synthetic_record(world):
+    with pytest.raises(data.DataError, match="not a synthetic record id"):
+        data.gold_score(dict(world[0], id="t3_abc"), "x")
+    with pytest.raises(data.DataError, match="post differs"):
+        data.gold_score(dict(world[0], post="another post"), "x")
+
+
+def test_labeler_agreement_in_paper_range(world):
+    labelers = data.make_labelers(10, seed=0)
+    assert len({x.worker for x in labelers}) == 10 and all(len(x.worker) == 30 for x in labelers)
+    assert 0.73 <= data.labeler_agreement(world, labelers, random.Random(0)) <= 0.77
+    choices = [labelers[0].compare(r, data.perfect_summary(r), r["summary"]) for r in world]
+    assert all((c < 5) == (choice == 0) and 1 <= c <= 9 and c != 5 for choice, c in choices)
+
+
+def test_collect_comparisons_writes_original_format(tmp_path, world):
+    records = world[:40]
+    policies = {"sup_t0": [data.perfect_summary(r) for r in records],
+                "bad": [data.perturb_summary(r, "swap_roles") for r in records]}
+    comps = data.collect_comparisons(records, policies, data.make_labelers(3, seed=1), np.random.default_rng(0),
+                                     pairs_per_record=2, split="train", batch="synth0")
+    data.write_jsonl(tmp_path / "synth0.json", comps)
+    lines = (tmp_path / "synth0.json").read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) == 81
+    for line, comp in zip(lines, comps):
+        assert line == json.dumps(comp).encode("ascii")
+        assert list(comp) == ["info", "split", "summaries", "choice", "worker", "batch", "extra"]
+        assert list(comp["info"]) == ["id", "post", "title", "subreddit"]
+        assert [list(s) for s in comp["summaries"]] == [["text", "policy", "note"]] * 2
+    rows = data.read_comparisons(tmp_path / "synth0.json")
+    assert len(rows) == 80 and {p for r in rows for p in r["policies"]} == {"sup_t0", "bad", "ref"}
+    assert all(r["policies"][0] != r["policies"][1] for r in rows)
+    # the labelers mostly see that the perfect summary beats the swapped one
+    duels = [r for r in rows if set(r["policies"]) == {"sup_t0", "bad"}]
+    assert np.mean([r["policies"][r["choice"]] == "sup_t0" for r in duels]) > 0.8
+
+
+def test_synth_command_line(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "data.py"), "synth", "--out-dir", str(tmp_path), "--n-train",
+                          "100", "--n-valid", "100", "--n-test", "10", "--n-transfer", "10"], capture_output=True,
+                         text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "agreement" in out.stdout and (tmp_path / "valid.jsonl").is_file()
