@@ -1,11 +1,12 @@
 """Data for both tasks: the paper's Reddit TL;DR (`tldr`) and an offline synthetic TL;DR (`synth`).
 
     python data.py download                    # OpenAI's files -> data/tldr/ (resumable)
-    python data.py synth --seed 0              # synthetic posts -> data/synth/, prints labeler agreement
+    python synth.py --seed 0                   # synthetic posts -> data/synth/ (the world, gold and labelers: synth.py)
 
 Everything a stage consumes comes from here: the tokenizers, readers for each original file format (they return
-plain dicts), `format_query` (the one place the query is built), tokenized tensors cached on disk, the synthetic
-world with its gold labeler and simulated labelers, and the writer of comparisons in the original format.
+plain dicts), `format_query` (the one place the query is built), tokenized tensors cached on disk, the decoding of
+sampled responses and their ROUGE, comparison collection (the paper's step 1, with any labelers) and the writer of
+comparisons in the original format. synth.py makes the synthetic task's files; this module only reads them.
 
 Layout of a task's data directory (the same for both tasks, so the stages have one code path):
     {data_dir}/train.jsonl valid.jsonl test.jsonl      posts + reference TL;DRs (tldr_3_filtered format)
@@ -18,12 +19,9 @@ import argparse
 import functools
 import hashlib
 import json
-import math
 import os
-import random
 import re
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -60,6 +58,7 @@ class DataError(ValueError):
 
 # GPT-2's pre-tokenizer regex. The synthetic tokenizer uses it too, so each world word is one regex piece.
 PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# The same on ASCII text, in Python's re (no \p{..} classes): synth.py splits the world's text into words with it.
 PAT_ASCII = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""")
 
 
@@ -78,7 +77,8 @@ def get_tokenizer(name):
         # straight to its id, so no merge chain is needed. Sequences are ~5x shorter than bytes and copying a fact
         # from the post is a one-token act, which is what lets a tiny CPU model learn the task in minutes.
         ranks = {bytes([b]): b for b in range(256)}
-        for word in sorted(_world_words()):
+        from synth import world_words  # imported here, not at the top: synth.py imports this module
+        for word in sorted(world_words()):
             for piece in (word, " " + word):
                 ranks.setdefault(piece.encode(), len(ranks))
         return tiktoken.Encoding(name, pat_str=PAT, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": len(ranks)})
@@ -234,7 +234,7 @@ def load_split(task, split, data_dir=None, skip_bad=False):
     """The records of one split (train/valid/test/transfer) of a task, from its data directory."""
     path = Path(data_dir or TASKS[task]["data_dir"]) / TASKS[task]["files"][split]
     if not path.is_file():
-        how = "python data.py download" if task == "tldr" else "python data.py synth"
+        how = "python data.py download" if task == "tldr" else "python synth.py"
         raise DataError(f"{path} not found; run `{how}` (or pass the directory that holds it)")
     return (read_cnndm if task == "tldr" and split == "transfer" else read_tldr)(path, skip_bad)
 
@@ -313,8 +313,8 @@ def _cached(kind, key_parts, records, build, cache_dir):
     with open(npz.with_suffix(".npz.tmp"), "wb") as f:
         np.savez(f, **arrays)
     os.replace(npz.with_suffix(".npz.tmp"), npz)
-    _write_atomic(meta, json.dumps(dict(key=key, kind=kind, params=key_parts, rows=len(arrays["index"]), **info),
-                                   indent=1) + "\n")
+    write_atomic(meta, json.dumps(dict(key=key, kind=kind, params=key_parts, rows=len(arrays["index"]), **info),
+                                  indent=1) + "\n")
     print(f"data: prepared {len(arrays['index']):,} {kind} rows -> {npz} {info}")
     return arrays
 
@@ -357,7 +357,64 @@ def prepare_comparisons(records, enc, max_query_tokens, max_response_tokens, cac
     return _cached("comparisons", [enc.name, max_query_tokens, max_response_tokens], records, build, cache_dir)
 
 
-def _write_atomic(path, text):
+# ----------------------------------------------------------------------------------------------------------------
+# sampled responses: their text and ROUGE against a reference
+
+def decode_responses(enc, tokens):
+    """(N, R) int tokens of sampled responses (numpy or torch) -> N strings, each row up to (not including) its first
+    EOS or PAD. Nothing else is stripped: a response keeps its leading space, as summaries are " " + text."""
+    stop = {enc.eot_token, pad_id(enc)}
+    texts = []
+    for row in tokens.tolist():
+        end = next((i for i, t in enumerate(row) if t in stop), len(row))
+        texts.append(enc.decode(row[:end]))
+    return texts
+
+
+def _rouge_tokens(text):
+    # rouge-score's default tokenizer: lowercase, anything but a-z and 0-9 becomes a space, split on whitespace
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def _fmeasure(overlap, n_prediction, n_reference):
+    precision, recall = overlap / max(n_prediction, 1), overlap / max(n_reference, 1)
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def rouge(prediction, reference):
+    """{rouge1, rouge2, rougeL} F-measures of one prediction against one reference; the values of Google's
+    `rouge-score` (RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)), 0 when either text has no
+    tokens. ROUGE-N counts each n-gram of the prediction at most as often as the reference has it; ROUGE-L is the
+    longest common subsequence of the two token lists. The paper finds that ROUGE agrees poorly with its labelers
+    (Section 4.4): a secondary metric here."""
+    pred, ref = _rouge_tokens(prediction), _rouge_tokens(reference)
+    out = {}
+    for n in (1, 2):
+        p, r = (Counter(tuple(t[i:i + n]) for i in range(len(t) - n + 1)) for t in (pred, ref))
+        out[f"rouge{n}"] = _fmeasure(sum((p & r).values()), sum(p.values()), sum(r.values()))  # & is the clipped min
+    lcs = [0] * (len(pred) + 1)  # lcs[j]: LCS of the reference so far and pred[:j], one table row at a time
+    for word in ref:
+        row = [0]
+        for j, w in enumerate(pred):
+            row.append(lcs[j] + 1 if w == word else max(lcs[j + 1], row[j]))
+        lcs = row
+    out["rougeL"] = _fmeasure(lcs[-1], len(pred), len(ref))
+    return out
+
+
+def mean_rouge(predictions, references):
+    """The mean of each `rouge` F-measure over pairs of texts."""
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError(f"need as many predictions as references, at least one: {len(predictions)} vs "
+                         f"{len(references)}")
+    scores = [rouge(p, r) for p, r in zip(predictions, references)]
+    return {k: float(np.mean([s[k] for s in scores])) for k in ("rouge1", "rouge2", "rougeL")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# writing data: our files in the original formats, and the comparisons of step 1
+
+def write_atomic(path, text):
     """Write to a temporary file, then rename: a killed run never leaves a partial file under the real name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -370,7 +427,32 @@ def _write_atomic(path, text):
 def write_jsonl(path, objs):
     """One `json.dumps(obj)` per line with Python's defaults (ASCII, ', ' and ': '): byte for byte the format of
     OpenAI's files, so comparisons we collect sit next to theirs and go through the same readers."""
-    _write_atomic(path, "".join(json.dumps(o) + "\n" for o in objs))
+    write_atomic(path, "".join(json.dumps(o) + "\n" for o in objs))
+
+
+def collect_comparisons(records, summaries_by_policy, labelers, rng, include_ref=True, pairs_per_record=1,
+                        split="train", batch="synth0"):
+    """The paper's step 1 (Section 3.1): for each record, pair two summaries of different policies (the reference
+    counts as policy "ref"), show them in random order to a random labeler, and record the choice. Returns comparison
+    dicts in the original format and key order; write them with `write_jsonl`. `rng` is a numpy Generator. A
+    labeler is any object with `.worker` and `.compare(record, text0, text1) -> (choice, confidence)`: a
+    synth.Labeler, or a person behind an interface."""
+    out = []
+    for i, rec in enumerate(records):
+        cands = [(policy, texts[i]) for policy, texts in summaries_by_policy.items()]
+        cands += [("ref", rec["summary"])] if include_ref else []
+        if len(cands) < 2:
+            raise ValueError("need at least two policies to compare (or include_ref=True)")
+        for _ in range(pairs_per_record):
+            (p0, t0), (p1, t1) = [cands[j] for j in rng.choice(len(cands), size=2, replace=False)]
+            labeler = labelers[int(rng.integers(len(labelers)))]
+            t0, t1 = as_response(t0), as_response(t1)
+            choice, confidence = labeler.compare(rec, t0, t1)
+            out.append(dict(info=dict(id=rec["id"], post=rec["post"], title=rec["title"], subreddit=rec["subreddit"]),
+                            split=split, summaries=[dict(text=t0, policy=p0, note=None),
+                                                    dict(text=t1, policy=p1, note=None)],
+                            choice=choice, worker=labeler.worker, batch=batch, extra=dict(confidence=confidence)))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -497,375 +579,6 @@ def parse_story(text):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the synthetic TL;DR: a small closed world of facts, a poster who writes flawed TL;DRs, a gold labeler that knows
-# the facts, and noisy simulated labelers. Everything is ASCII and free of apostrophes, so each word is one token.
-# Editing these tables changes the world: bump WORLD (and SYNTH_TOKENIZER if the set of words changes).
-
-WORLD = "synth1"
-
-SUBREDDITS = {"relationships": ["boyfriend", "girlfriend", "husband", "wife"],
-              "dating_advice": ["boyfriend", "girlfriend"],
-              "relationship_advice": ["best friend", "roommate", "boyfriend", "girlfriend"],
-              "Advice": ["mom", "dad", "sister", "brother", "roommate"]}
-TRANSFER_SUBREDDITS = {"jobs": ["boss", "coworker", "manager"]}  # never in train/valid/test, nor its problems
-GENDER = dict(boyfriend="M", husband="M", dad="M", brother="M", girlfriend="F", wife="F", mom="F", sister="F")
-PARTNERS = {"boyfriend", "girlfriend", "husband", "wife"}
-PRONOUNS = dict(M=dict(he="he", him="him", his="his"), F=dict(he="she", him="her", his="her"))
-# A problem is what the other person does to the poster, with the same act with the roles reversed ("swap_roles",
-# the perturbation of the paper's Section 4.3). Every problem is one-sided so that the swap is a false statement.
-PROBLEMS = [
-    ("keeps reading my texts", "keep reading {his} texts"), ("owes me money", "owe {him} money"),
-    ("borrows my car without asking", "borrow {his} car without asking"), ("yells at me a lot", "yell at {him} a lot"),
-    ("ignores my messages", "ignore {his} messages"), ("told my secret to everyone", "told {his} secret to everyone"),
-    ("blames me for everything", "blame {him} for everything"), ("eats my food", "eat {his} food"),
-    ("makes fun of my job", "make fun of {his} job"), ("talks over me", "talk over {him}")]
-PARTNER_PROBLEMS = [
-    ("cheated on me", "cheated on {him}"), ("forgot my birthday", "forgot {his} birthday"),
-    ("invited my ex to dinner", "invited {his} ex to dinner"), ("lied to me about money", "lied to {him} about money")]
-TRANSFER_PROBLEMS = [
-    ("takes credit for my work", "take credit for {his} work"), ("reads my emails", "read {his} emails"),
-    ("gives me all the late shifts", "give {him} all the late shifts"),
-    ("yells at me in meetings", "yell at {him} in meetings")]
-QUESTIONS = ["what should I do", "how do I get {him} to stop", "am I overreacting", "should I confront {him}",
-             "how do I talk to {him} about it", "is this normal"]
-TRANSFER_QUESTIONS = ["should I quit", "should I talk to HR"]
-DETAILS = ["I work at a bakery", "I just started college", "we have two cats", "I play guitar in a band",
-           "we live in a small town", "I am saving for a car", "my favorite food is pizza", "I go to the gym a lot",
-           "we met at a concert", "it snowed a lot this winter", "I have a dog named Max", "I love hiking"]
-UNITS = ["weeks", "months", "years"]
-INTROS = ["I ({a1} {g1}) have known my {rel} ({a2} {g2}) for {dur}.",
-          "My {rel} ({a2} {g2}) and I ({a1} {g1}) have been close for {dur}."]
-PROBLEM_LINES = ["Lately {he} {vp}.", "The problem is that {he} {vp}.", "Recently {he} {vp}."]
-FEELINGS = ["It really hurts.", "I feel awful about it.", "It is driving me crazy.", "I feel lost."]
-TITLES = ["Need advice about my {rel}", "My {rel} {vp}", "{Q}?", "Not sure what to do"]
-# How the simulated poster writes a TL;DR. The main sentence comes in a short and a long form, with or without the
-# duration; {act} is "{he} {vp}" or, with roles swapped, "I {swap}". "bare" leaves out who the other person is.
-MAIN_FORMS = {("short", True): "My {rel} of {dur} {vp}.", ("short", False): "My {rel} {vp}.",
-              ("long", True): "I have known my {rel} for {dur} and {act}.",
-              ("long", False): "Me and my {rel} are close but {act}.", ("bare", False): "{Act}."}
-# The poster's habits (probabilities). Most references leave out the duration or the question, some add an
-# irrelevant detail, a few state something false: beatable, like the paper's references, and a supervised policy
-# that imitates them at temperature 0 inherits the omissions, which is the room left for RL (Section 4.1).
-POSTER = dict(duration=0.3, question=0.3, bare=0.12, long=0.3, detail=0.35, wrong=0.15)
-# Gold rubric (see gold_score). Coverage weights sum to 1; BUDGET is the synthetic analogue of the 48-token limit.
-COVER = dict(rel=0.2, vp=0.4, dur=0.2, q=0.2)
-DETAIL_COST, FALSE_COST, INCOHERENCE_COST, BUDGET = 0.1, 0.5, 0.25, 28
-LABELER_NOISE = 0.044  # Bradley-Terry temperature on gold totals; calibrated for ~75% labeler-labeler agreement
-
-
-def _words(text):
-    return [p.strip() for p in PAT_ASCII.findall(text) if p.strip()]
-
-
-def _key(text):
-    return tuple(w.lower() for w in _words(text))
-
-
-def _cap(s):
-    return s[:1].upper() + s[1:]
-
-
-def _world_words():
-    """Every word the world can write, capitalized or not: the vocabulary of the synthetic tokenizer. It depends only
-    on the tables above, never on a seed, so the tokenizer name always rebuilds the same encoding."""
-    texts = list(SUBREDDITS) + list(TRANSFER_SUBREDDITS) + sum(SUBREDDITS.values(), [])
-    texts += sum(TRANSFER_SUBREDDITS.values(), []) + sum(map(list, PROBLEMS + PARTNER_PROBLEMS + TRANSFER_PROBLEMS), [])
-    texts += QUESTIONS + TRANSFER_QUESTIONS + DETAILS + UNITS + INTROS + PROBLEM_LINES + FEELINGS + TITLES
-    texts += list(MAIN_FORMS.values()) + [TEMPLATES["tldr"][0], "I he she him his her M F ? . \n"]
-    texts += [str(n) for n in range(100)]
-    words = {w for t in texts for w in _words(re.sub(r"\{\w+\}", " ", t))}
-    return {v for w in words for v in (w, _cap(w), w[:1].lower() + w[1:])}
-
-
-@functools.lru_cache(maxsize=65536)
-def _synth_world(record_id):
-    """Regenerate a synthetic record and its hidden facts from its id "{WORLD}_{seed}_{split}_{index}". The record is
-    a pure function of the id, so the gold labeler needs nothing but the record as read back from a file."""
-    parts = str(record_id).split("_")
-    if len(parts) != 4 or parts[0] != WORLD or parts[2] not in TASKS["synth"]["files"]:
-        raise DataError(f"{record_id!r} is not a synthetic record id ({WORLD}_<seed>_<split>_<index>)")
-    rng, transfer = random.Random(record_id), parts[2] == "transfer"  # a str seed is hashed: same on every machine
-    subs = TRANSFER_SUBREDDITS if transfer else SUBREDDITS
-    subreddit = rng.choice(sorted(subs))
-    rel = rng.choice(subs[subreddit])
-    g2 = GENDER.get(rel) or rng.choice("MF")
-    p = PRONOUNS[g2]
-    a1, g1 = rng.randint(18, 35), rng.choice("MF")
-    a2 = a1 + (rng.randint(20, 30) if rel in ("mom", "dad") else rng.randint(-4, 6))
-    pool = TRANSFER_PROBLEMS if transfer else PROBLEMS + (PARTNER_PROBLEMS if rel in PARTNERS else [])
-    vp, swap = rng.choice(pool)
-    q = rng.choice(QUESTIONS + (TRANSFER_QUESTIONS if transfer else []))
-    f = dict(rel=rel, he=p["he"], vp=vp, swap="I " + swap.format(**p), dur=f"{rng.randint(2, 11)} {rng.choice(UNITS)}",
-             q_id=q, q=q.format(**p), details=rng.sample(DETAILS, 2))
-    slots = dict(a1=a1, g1=g1, a2=a2, g2=g2, rel=rel, dur=f["dur"], he=p["he"], vp=vp, Q=_cap(f["q"]))
-    first = rng.choice(INTROS).format(**slots) + " " + _cap(f["details"][0]) + "."
-    second = [rng.choice(PROBLEM_LINES).format(**slots), _cap(f["details"][1]) + "."]
-    second += [rng.choice(FEELINGS)] if rng.random() < 0.6 else []
-    paragraphs = [first, " ".join(second), _cap(f["q"]) + "?"]
-    post = "\n\n".join(paragraphs) if rng.random() < 0.7 else " ".join(paragraphs)
-    record = dict(id=record_id, subreddit=subreddit, title=rng.choice(TITLES).format(**slots), post=post,
-                  summary=_render(f, _poster_plan(f, rng)))
-    return record, f
-
-
-def synth_record(seed, split, index):
-    """The synthetic record (tldr_3_filtered fields) number `index` of a split: train/valid/test/transfer."""
-    return dict(_synth_world(f"{WORLD}_{seed}_{split}_{index}")[0])
-
-
-def _facts(record):
-    world, facts = _synth_world(record.get("id"))
-    if world["post"] != record.get("post"):
-        raise DataError(f"record {record.get('id')}: its post differs from the synthetic world's (another version?)")
-    return facts
-
-
-def _poster_plan(f, rng):
-    """What the simulated poster puts in a TL;DR (see POSTER)."""
-    plan = dict(dur=rng.random() < POSTER["duration"], q=rng.random() < POSTER["question"], details=[],
-                swap=False, wrong_dur=None)
-    plan["form"] = "bare" if not plan["dur"] and rng.random() < POSTER["bare"] else (
-        "long" if rng.random() < POSTER["long"] else "short")
-    if rng.random() < POSTER["detail"]:
-        plan["details"].append(rng.choice(f["details"]))
-    if rng.random() < POSTER["wrong"]:
-        _add_false_fact(f, plan, rng)
-    return plan
-
-
-def _add_false_fact(f, plan, rng):
-    kind = rng.choice(["dur", "swap", "detail"])
-    if kind == "dur":  # a misremembered number, often the kind of slip a small model makes too
-        n, unit = f["dur"].split()
-        plan.update(dur=True, form="short" if plan["form"] == "bare" else plan["form"],
-                    wrong_dur=f"{int(n) + rng.choice([-1, 1, 2])} {unit}")
-    elif kind == "swap":
-        plan.update(swap=True, form="long")
-    else:
-        plan["details"] = [rng.choice([d for d in DETAILS if d not in f["details"]])]
-
-
-def _render(f, plan):
-    act = f["swap"] if plan["swap"] else f"{f['he']} {f['vp']}"
-    main = MAIN_FORMS[(plan["form"], plan["dur"] and plan["form"] != "bare")]
-    text = main.format(rel=f["rel"], dur=plan["wrong_dur"] or f["dur"], vp=f["vp"], act=act, Act=_cap(act))
-    text += "".join(f" {_cap(d)}." for d in plan["details"])
-    return text + (f" {_cap(f['q'])}?" if plan["q"] else "")
-
-
-def sample_reference(record, rng):
-    """A fresh TL;DR of a synthetic record by the simulated poster (`rng`: random.Random), flaws and all."""
-    f = _facts(record)
-    return _render(f, _poster_plan(f, rng))
-
-
-def perfect_summary(record):
-    """Every key fact, nothing else, in the short form: what the gold labeler likes best."""
-    return _render(_facts(record), dict(form="short", dur=True, q=True, details=[], swap=False, wrong_dur=None))
-
-
-PERTURBATIONS = ("drop_fact", "add_false_fact", "swap_roles", "add_detail", "shorter", "longer")
-
-
-def perturb_summary(record, kind, rng=None):
-    """The record's perfect summary changed in one way, for probing what a reward model has learned (the paper's
-    Section 4.3): drop_fact (one key fact left out), add_false_fact (a wrong number, a detail not in the post, or
-    the roles swapped), swap_roles, add_detail (an irrelevant true detail), shorter (only who and the problem),
-    longer (the same facts in the long form: the gold labeler is indifferent, a length-biased model is not)."""
-    rng = rng or random.Random(0)
-    f = _facts(record)
-    plan = dict(form="short", dur=True, q=True, details=[], swap=False, wrong_dur=None)
-    if kind == "drop_fact":
-        plan.update(rng.choice([dict(dur=False), dict(q=False), dict(form="bare", dur=False)]))
-    elif kind == "add_false_fact":
-        _add_false_fact(f, plan, rng)
-    elif kind == "swap_roles":
-        plan.update(swap=True, form="long")
-    elif kind == "add_detail":
-        plan["details"] = [rng.choice(f["details"])]
-    elif kind == "shorter":
-        plan.update(dur=False, q=False)
-    elif kind == "longer":
-        plan["form"] = "long"
-    else:
-        raise ValueError(f"unknown perturbation {kind!r}; expected one of {PERTURBATIONS}")
-    return _render(f, plan)
-
-
-@functools.lru_cache(maxsize=None)
-def _lexicon():
-    """Phrase -> (kind, value) for everything the world can state, and the word-class bigrams that well-formed
-    summaries contain. Parsing a summary is a longest-match over these phrases; what is left over is junk."""
-    lex = {}
-    for rel in sum(SUBREDDITS.values(), []) + sum(TRANSFER_SUBREDDITS.values(), []):
-        lex[_key(rel)] = ("rel", rel)
-    for n in range(1, 100):
-        for unit in UNITS:
-            lex[(str(n), unit)] = ("dur", f"{n} {unit}")
-    for vp, swap in PROBLEMS + PARTNER_PROBLEMS + TRANSFER_PROBLEMS:
-        lex[_key(vp)] = ("vp", vp)
-        for p in PRONOUNS.values():
-            lex[_key("I " + swap.format(**p))] = ("swap", vp)
-    for q in QUESTIONS + TRANSFER_QUESTIONS:  # either pronoun covers the question: pronouns are not graded
-        for p in PRONOUNS.values():
-            lex[_key(q.format(**p))] = ("q", q)
-    for d in DETAILS:
-        lex[_key(d)] = ("detail", d)
-    sentences = [["DETAIL", "."], ["Q", "?"]]
-    for form in MAIN_FORMS.values():
-        for act in ("he {vp}", "{swap}"):
-            s = form.replace("{Act}", "{act}").replace("{act}", act).lower()
-            sentences.append(_words(re.sub(r"\{(\w+)\}", lambda m: m.group(1).upper(), s)))
-    literals = {w for s in sentences for w in s if not w.isupper()} | {"she"}
-    lex.update({(w,): ("lit", w) for w in literals if (w,) not in lex})
-    bigrams = {pair for s in sentences for pair in zip(["<s>"] + s, s + ["</s>"])}
-    bigrams |= {(s[-1], t[0]) for s in sentences for t in sentences}
-    return lex, max(map(len, lex)), bigrams
-
-
-def _parse(text):
-    lex, longest, _ = _lexicon()
-    words, units, i = list(_key(text)), [], 0
-    while i < len(words):
-        for n in range(min(longest, len(words) - i), 0, -1):
-            if tuple(words[i:i + n]) in lex:
-                units.append(lex[tuple(words[i:i + n])])
-                i += n
-                break
-        else:
-            units.append(("junk", words[i]))
-            i += 1
-    return units
-
-
-def gold_score(record, summary):
-    """The synthetic task's ground truth: a documented rubric on the paper's axes (Section 4.1), each in [0, 1].
-      coverage  = 0.2 who (the relation) + 0.4 the problem + 0.2 how long + 0.2 the question asked,
-                  minus 0.1 for each irrelevant detail of the post (it spends the reader's attention)
-      accuracy  = 1 - 0.5 per distinct false statement (wrong person, number, problem, question, a detail not in the
-                  post, or the roles swapped)
-      coherence = 1 - 0.25 per word pair that no well-formed summary contains (junk words, broken or unfinished
-                  sentences) - 0.25 per repeated fact; 0 when nothing is stated
-      length    = 1 - (words over BUDGET) / BUDGET, at least 0
-      total     = (2 coverage + 2 accuracy + coherence + length) / 6
-    Stuffing facts, repeating them, copying the post or emitting junk all score below a concise, complete summary."""
-    f = _facts(record)
-    units = _parse(summary)
-    claims = Counter(u for u in units if u[0] not in ("lit", "junk"))
-    truth = dict(rel=f["rel"], vp=f["vp"], dur=f["dur"], q=f["q_id"])
-    coverage = sum(w for kind, w in COVER.items() if (kind, truth[kind]) in claims)
-    coverage -= DETAIL_COST * sum(1 for kind, v in claims if kind == "detail" and v in f["details"])
-    false = sum(1 for kind, v in claims if kind == "swap" or (kind == "detail" and v not in f["details"])
-                or (kind in truth and v != truth[kind]))
-    _, _, bigrams = _lexicon()
-    classes = ["<s>"] + [("he" if v == "she" else v) if k == "lit" else "#" if k == "junk" else k.upper()
-                         for k, v in units] + ["</s>"]
-    bad = sum(pair not in bigrams for pair in zip(classes, classes[1:]))
-    repeats = sum(c - 1 for c in claims.values())
-    coherence = max(0.0, 1 - INCOHERENCE_COST * (bad + repeats)) if claims else 0.0
-    length = max(0.0, 1 - max(0, len(_words(summary)) - BUDGET) / BUDGET)
-    scores = dict(coverage=max(0.0, coverage), accuracy=max(0.0, 1 - FALSE_COST * false), coherence=coherence,
-                  length=length)
-    return dict(total=(2 * scores["coverage"] + 2 * scores["accuracy"] + coherence + length) / 6, **scores)
-
-
-def gold_win_rate(records, summaries, baselines=None):
-    """How often the gold labeler prefers `summaries` to the references (or `baselines`); a tie counts a half."""
-    wins = []
-    for i, rec in enumerate(records):
-        a = gold_score(rec, summaries[i])["total"]
-        b = gold_score(rec, baselines[i] if baselines else rec["summary"])["total"]
-        wins.append(1.0 if a > b + 1e-9 else 0.5 if abs(a - b) <= 1e-9 else 0.0)
-    return float(np.mean(wins))
-
-
-class Labeler:
-    """A simulated labeler: prefers summary 0 with probability sigmoid((gold0 - gold1) / noise) (Bradley-Terry), so
-    clear differences are judged reliably and close calls are nearly coin flips, as with the paper's labelers."""
-
-    def __init__(self, worker, noise=LABELER_NOISE, seed=0):
-        self.worker, self.noise, self.rng = worker, noise, np.random.default_rng(seed)
-
-    def compare(self, record, text0, text1):
-        """-> (choice, confidence): confidence on the released data's 9-point scale, 1-4 = summary 0 preferred
-        (1 surest), 6-9 = summary 1 (9 surest); 5 is never used. A choice against the odds comes with low confidence."""
-        diff = gold_score(record, text0)["total"] - gold_score(record, text1)["total"]
-        p0 = 1 / (1 + math.exp(-diff / self.noise))
-        choice = int(self.rng.random() >= p0)
-        sure = 2 * (p0 if choice == 0 else 1 - p0) - 1
-        strength = int(np.clip(round(1 + 3 * sure + self.rng.normal(0, 0.6)), 1, 4))
-        return choice, 5 - strength if choice == 0 else 5 + strength
-
-
-def make_labelers(n, seed=0, noise=LABELER_NOISE):
-    """`n` labelers with 30-character pseudonymous worker ids, like the released data, each a little more or less
-    careful than `noise`."""
-    rng = random.Random(f"labelers_{seed}")
-    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-    return [Labeler("".join(rng.choice(alphabet) for _ in range(30)), noise * rng.uniform(0.9, 1.1),
-                    seed=rng.getrandbits(32)) for _ in range(n)]
-
-
-def labeler_agreement(records, labelers, rng, pairs=4000):
-    """How often two different labelers choose the same summary, on typical pairs: two different TL;DRs the poster
-    could have written for the same post. The paper: 73% between researchers, 77% labeler-researcher (Section 3.3)."""
-    same = []
-    for i in range(pairs):
-        rec = records[i % len(records)]
-        a, b = sample_reference(rec, rng), sample_reference(rec, rng)
-        if a != b:
-            x, y = rng.sample(labelers, 2)
-            same.append(x.compare(rec, a, b)[0] == y.compare(rec, a, b)[0])
-    return float(np.mean(same))
-
-
-def collect_comparisons(records, summaries_by_policy, labelers, rng, include_ref=True, pairs_per_record=1,
-                        split="train", batch="synth0"):
-    """The paper's step 1 (Section 3.1): for each record, pair two summaries of different policies (the reference
-    counts as policy "ref"), show them in random order to a random labeler, and record the choice. Returns comparison
-    dicts in the original format and key order; write them with `write_jsonl`. `rng` is a numpy Generator. A human
-    labeler would be any object with `.worker` and `.compare(record, text0, text1) -> (choice, confidence)`."""
-    out = []
-    for i, rec in enumerate(records):
-        cands = [(policy, texts[i]) for policy, texts in summaries_by_policy.items()]
-        cands += [("ref", rec["summary"])] if include_ref else []
-        if len(cands) < 2:
-            raise ValueError("need at least two policies to compare (or include_ref=True)")
-        for _ in range(pairs_per_record):
-            (p0, t0), (p1, t1) = [cands[j] for j in rng.choice(len(cands), size=2, replace=False)]
-            labeler = labelers[int(rng.integers(len(labelers)))]
-            t0, t1 = as_response(t0), as_response(t1)
-            choice, confidence = labeler.compare(rec, t0, t1)
-            out.append(dict(info=dict(id=rec["id"], post=rec["post"], title=rec["title"], subreddit=rec["subreddit"]),
-                            split=split, summaries=[dict(text=t0, policy=p0, note=None),
-                                                    dict(text=t1, policy=p1, note=None)],
-                            choice=choice, worker=labeler.worker, batch=batch, extra=dict(confidence=confidence)))
-    return out
-
-
-def write_synth(out_dir, seed=0, sizes=None, n_labelers=10):
-    """Write the synthetic splits in the tldr_3_filtered format and a synth.json with the world's statistics."""
-    sizes = sizes or dict(train=20000, valid=1000, test=1000, transfer=1000)
-    out_dir, stats = Path(out_dir), dict(seed=seed, world=WORLD, tokenizer=SYNTH_TOKENIZER, sizes=sizes)
-    splits = {s: [synth_record(seed, s, i) for i in range(n)] for s, n in sizes.items()}
-    for split, records in splits.items():
-        write_jsonl(out_dir / TASKS["synth"]["files"][split], records)
-    enc, valid = get_tokenizer(SYNTH_TOKENIZER), splits["valid"] or splits["train"]
-    q_lens = [len(enc.encode_ordinary(format_query(r, enc, 10**9))) for r in valid]
-    s_lens = [len(_encode_responses([r["summary"]], enc)[0]) for r in valid]
-    labelers = make_labelers(n_labelers, seed)
-    stats.update(vocab=enc.n_vocab, query_tokens=[int(np.mean(q_lens)), max(q_lens)],
-                 response_tokens=[int(np.mean(s_lens)), max(s_lens)],
-                 gold_reference=round(float(np.mean([gold_score(r, r["summary"])["total"] for r in valid])), 4),
-                 gold_perfect=round(float(np.mean([gold_score(r, perfect_summary(r))["total"] for r in valid])), 4),
-                 perfect_vs_reference=round(gold_win_rate(valid, [perfect_summary(r) for r in valid]), 4),
-                 labelers=[x.worker for x in labelers],
-                 agreement=round(labeler_agreement(valid, labelers, random.Random(seed)), 4))
-    _write_atomic(out_dir / "synth.json", json.dumps(stats, indent=1) + "\n")
-    return stats
-
-
-# ----------------------------------------------------------------------------------------------------------------
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -875,26 +588,8 @@ def main():
     dl.add_argument("--base-url", default=BASE_URL, help="mirror of OpenAI's summarize-from-feedback blob")
     dl.add_argument("--cnndm-n", type=int, default=1000, help="CNN/DM test articles for transfer (0 = all 11,490)")
     dl.add_argument("--timeout", type=float, default=10.0, help="seconds before a connection attempt fails")
-    sy = sub.add_parser("synth", help="generate the synthetic TL;DR and measure the simulated labelers")
-    sy.add_argument("--out-dir", default=TASKS["synth"]["data_dir"], help="where to write the splits")
-    sy.add_argument("--seed", type=int, default=0, help="world seed (the tokenizer does not depend on it)")
-    sy.add_argument("--n-train", type=int, default=20000, help="training posts")
-    sy.add_argument("--n-valid", type=int, default=1000, help="validation posts")
-    sy.add_argument("--n-test", type=int, default=1000, help="test posts")
-    sy.add_argument("--n-transfer", type=int, default=1000, help="posts from the held-out subreddit and problems")
-    sy.add_argument("--labelers", type=int, default=10, help="simulated labelers")
     args = parser.parse_args()
-    if args.command == "download":
-        download(args.data_dir, args.base_url, args.cnndm_n, args.timeout)
-        return
-    t0 = time.time()
-    stats = write_synth(args.out_dir, args.seed, dict(train=args.n_train, valid=args.n_valid, test=args.n_test,
-                                                      transfer=args.n_transfer), args.labelers)
-    print(f"synth: wrote {args.out_dir} in {time.time() - t0:.1f}s | tokenizer {SYNTH_TOKENIZER} vocab {stats['vocab']}"
-          f" | query tokens mean/max {stats['query_tokens']} | reference tokens {stats['response_tokens']}"
-          f" | gold: reference {stats['gold_reference']:.3f}, perfect {stats['gold_perfect']:.3f}")
-    print(f"synth: labeler-labeler agreement {stats['agreement']:.1%} (paper: 73-77%) | gold prefers a perfect summary "
-          f"to the reference {stats['perfect_vs_reference']:.1%} of the time")
+    download(args.data_dir, args.base_url, args.cnndm_n, args.timeout)
 
 
 if __name__ == "__main__":

@@ -369,6 +369,48 @@ def sample_token(logits, temperature=1.0, generator=None):
     return tok, logp.gather(1, tok[:, None]).squeeze(1)
 
 
+def trim_padding(tokens, pad_id):
+    """Drop the columns that are padding in every row, at both ends of a (B, T) batch; returns the trimmed tokens and
+    how many columns were cut on the left. Exact, since positions count from each row's first real token, and it
+    saves the compute that fixed-length padding would waste (short synthetic posts, a batch of short responses)."""
+    real = (tokens != pad_id).any(0)
+    if not real.any():
+        return tokens, 0
+    first = int(real.int().argmax())
+    last = tokens.size(1) - int(real.flip(0).int().argmax())
+    return tokens[:, first:last], first
+
+
+@torch.no_grad()
+def sample_responses(model, queries, max_new_tokens, temperature, eos_id, pad_id, batch_size, device, dtype,
+                     generator=None, desc=None):
+    """Responses of a policy to (N, Lq) left-padded queries (numpy or torch), in batches with a progress bar.
+    Returns (N, max_new_tokens) int64 tokens on the CPU: EOS included, PAD after it."""
+    from tqdm import tqdm
+
+    queries = torch.as_tensor(queries)
+    out = []
+    for i in tqdm(range(0, len(queries), batch_size), desc=desc, disable=desc is None, leave=False):
+        q, _ = trim_padding(queries[i:i + batch_size].to(device=device, dtype=torch.long), pad_id)
+        with autocast(device, dtype):
+            tokens = model.generate(q, (q != pad_id).long(), max_new_tokens=max_new_tokens, temperature=temperature,
+                                    eos_id=eos_id, pad_id=pad_id, generator=generator)
+        out.append(tokens[:, q.size(1):].cpu())
+    return torch.cat(out)
+
+
+# The paper's learning rates (appendix B.1) at its two sizes, 1.3B and 6.7B parameters. GPT-2's sizes lie outside
+# that range, so defaults come from the power law through those two points (lr ~ N^-0.49 for SFT, N^-0.67 for the
+# RM, N^-0.46 for PPO): e.g. SFT 2.0e-4 at 124M, 5.9e-5 at 1.5B. An extrapolation, documented as such in --help.
+PAPER_LR = {"sft": (6.35e-5, 2.83e-5), "reward": (1.5e-5, 5e-6), "ppo": (1.5e-5, 7e-6)}
+
+
+def paper_lr(stage, n_params):
+    lr_small, lr_large = PAPER_LR[stage]
+    slope = math.log(lr_large / lr_small) / math.log(6.7e9 / 1.3e9)
+    return lr_small * (n_params / 1.3e9) ** slope
+
+
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 

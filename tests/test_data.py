@@ -1,4 +1,4 @@
-"""Tests of data.py: the readers on OpenAI's real files, the query, the cache, the synthetic world and its labelers.
+"""Tests of data.py: the readers on OpenAI's real files, the query, the cache, decoding and ROUGE, the download.
 
 The real sample files live outside the repository, in ../shared/data/openai-sample/ (they are never copied here);
 tests that need them, or the GPT-2 BPE from ../shared/tiktoken, are skipped with a reason when they are absent.
@@ -9,8 +9,6 @@ import http.server
 import io
 import json
 import os
-import random
-import subprocess
 import sys
 import threading
 import time
@@ -27,6 +25,7 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken")  # GPT-2 BPE offline
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+import synth  # noqa: E402  (synthetic records as test inputs)
 
 needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"real sample files not found at {SAMPLE}")
 
@@ -40,13 +39,8 @@ def gpt2():
 
 
 @pytest.fixture(scope="module")
-def synth():
+def synth_enc():
     return data.get_tokenizer(data.SYNTH_TOKENIZER)
-
-
-@pytest.fixture(scope="module")
-def world():
-    return [data.synth_record(0, "valid", i) for i in range(300)]
 
 
 # ---------------------------------------------------------------------------------------------------- real files
@@ -175,40 +169,29 @@ def test_gpt2_tokenizer(gpt2):
     assert data.pad_id(gpt2) == 50257 and data.get_tokenizer(data.TASKS["tldr"]["tokenizer"]) is gpt2
 
 
-def test_synth_tokenizer(synth):
-    assert data.pad_id(synth) == synth.n_vocab and synth.eot_token == synth.n_vocab - 1
-    text = data.format_query(data.synth_record(3, "train", 7), synth, 96)
-    tokens = synth.encode_ordinary(text)
-    assert len(tokens) == len(data.PAT_ASCII.findall(text)) and synth.decode(tokens) == text  # one token per word
-    assert synth.decode(synth.encode_ordinary("caf\u00e9 zyx")) == "caf\u00e9 zyx"  # any text still encodes
-    assert synth.encode("x<|endoftext|>", allowed_special="all")[-1] == synth.eot_token
-    with pytest.raises(data.DataError, match="unknown tokenizer"):
-        data.get_tokenizer("nope")
-
-
-def test_prepare_sft_and_cache(tmp_path, synth, monkeypatch):
-    records = [data.synth_record(0, "train", i) for i in range(64)]
+def test_prepare_sft_and_cache(tmp_path, synth_enc, monkeypatch):
+    records = [synth.synth_record(0, "train", i) for i in range(64)]
     records.append(dict(records[0], id="long", summary="word " * 40))  # a reference too long for 32 tokens
-    arrays = data.prepare_sft(records, synth, 96, 32, cache_dir=tmp_path)
+    arrays = data.prepare_sft(records, synth_enc, 96, 32, cache_dir=tmp_path)
     assert arrays["query"].shape == (64, 96) and arrays["response"].shape == (64, 32)
     assert arrays["query"].dtype == np.int32 and list(arrays["index"]) == list(range(64))
-    pad = data.pad_id(synth)
+    pad = data.pad_id(synth_enc)
     q, r = arrays["query"][0], arrays["response"][0]
     n = int((q != pad).sum())
-    assert (q[:-n] == pad).all() and synth.decode(list(q[-n:])) == data.format_query(records[0], synth, 96)
+    assert (q[:-n] == pad).all() and synth_enc.decode(list(q[-n:])) == data.format_query(records[0], synth_enc, 96)
     m = int((r != pad).sum())
-    assert (r[m:] == pad).all() and r[m - 1] == synth.eot_token
-    assert synth.decode(list(r[:m - 1])) == " " + records[0]["summary"]
+    assert (r[m:] == pad).all() and r[m - 1] == synth_enc.eot_token
+    assert synth_enc.decode(list(r[:m - 1])) == " " + records[0]["summary"]
     meta = json.loads(next(tmp_path.glob("sft-*.json")).read_text())
     assert meta["dropped_long"] == 1 and meta["rows"] == 64
     # a second call is a cache hit: nothing is tokenized
     monkeypatch.setattr(data, "_encode_queries", lambda *a: pytest.fail("cache not used"))
-    again = data.prepare_sft(records, synth, 96, 32, cache_dir=tmp_path)
+    again = data.prepare_sft(records, synth_enc, 96, 32, cache_dir=tmp_path)
     assert all(np.array_equal(arrays[k], again[k]) for k in arrays)
     monkeypatch.undo()
     # new lengths or new records: a new cache entry
-    data.prepare_sft(records, synth, 80, 32, cache_dir=tmp_path)
-    data.prepare_sft(records[:10], synth, 96, 32, cache_dir=tmp_path)
+    data.prepare_sft(records, synth_enc, 80, 32, cache_dir=tmp_path)
+    data.prepare_sft(records[:10], synth_enc, 96, 32, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("sft-*.npz"))) == 3 and not list(tmp_path.glob("*.tmp"))
 
 
@@ -223,6 +206,64 @@ def test_prepare_comparisons(gpt2, tmp_path):
     assert arrays["policy0"][0] == rows[0]["policies"][0] and (arrays["confidence"] > 0).all()
     cnndm_query = gpt2.decode([t for t in arrays["query"][10] if t != data.pad_id(gpt2)])
     assert cnndm_query == data.format_query(rows[10], gpt2, 512) and cnndm_query.endswith("\n\nTL;DR:")
+
+
+# ------------------------------------------------------------------------------------------ responses and ROUGE
+
+def test_decode_responses(synth_enc):
+    eos, pad = synth_enc.eot_token, data.pad_id(synth_enc)
+    words = synth_enc.encode_ordinary(" My boyfriend ignores my messages.")
+    rows = np.full((4, len(words) + 3), pad, dtype=np.int64)
+    rows[0, :len(words) + 2] = words + [eos, words[0]]  # text after the EOS is dropped
+    rows[1, :2] = words[:2]  # cut at the first PAD
+    rows[2, 0] = eos  # an immediate EOS is an empty response
+    rows[3] = words + words[:3]  # no EOS: the whole row
+    expected = [" My boyfriend ignores my messages.", " My boyfriend", "",
+                " My boyfriend ignores my messages. My boyfriend ignores"]
+    assert data.decode_responses(synth_enc, rows) == expected  # the leading space is kept
+    torch = pytest.importorskip("torch")
+    assert data.decode_responses(synth_enc, torch.from_numpy(rows)) == expected
+
+
+@pytest.mark.parametrize("prediction, reference, expected", [
+    # "the" counts at most twice (the reference has two): rouge1 overlap 3, P 3/4, R 3/6, F 0.6. Bigrams: only
+    # "the cat" is shared, P 1/3, R 1/5, F 0.25. LCS "the cat" = 2: P 2/4, R 2/6, F 0.4.
+    ("the the the cat", "the cat sat on the mat", dict(rouge1=0.6, rouge2=0.25, rougeL=0.4)),
+    # the same words in another order (Lin 2004's example): rouge1 1; of 3 bigrams only "the gunman" is shared, F
+    # 1/3; the LCS is "the gunman", P = R = 2/4
+    ("the gunman killed police", "police killed the gunman", dict(rouge1=1.0, rouge2=1 / 3, rougeL=0.5)),
+    # case and punctuation are ignored; a non-ASCII letter splits a word like punctuation does
+    ("Cheated on ME, 7-months ago... Na\u00efve!", "cheated on me 7 months ago na ve", dict(rouge1=1.0, rouge2=1.0,
+                                                                                        rougeL=1.0)),
+    ("cat", "Cat.", dict(rouge1=1.0, rouge2=0.0, rougeL=1.0)),  # a single word has no bigram
+    ("", "a summary", dict(rouge1=0.0, rouge2=0.0, rougeL=0.0)),
+    ("?!", "?!", dict(rouge1=0.0, rouge2=0.0, rougeL=0.0)),  # no tokens on either side
+])
+def test_rouge_by_hand(prediction, reference, expected):
+    assert data.rouge(prediction, reference) == pytest.approx(expected, abs=1e-12)
+
+
+def test_mean_rouge():
+    means = data.mean_rouge(["the the the cat", "cat"], ["the cat sat on the mat", "Cat."])
+    assert means == pytest.approx(dict(rouge1=0.8, rouge2=0.125, rougeL=0.7), abs=1e-12)
+    with pytest.raises(ValueError):
+        data.mean_rouge(["a"], [])
+
+
+def test_rouge_matches_rouge_score_package():
+    # values computed by Google's rouge-score on real summaries (tests/fixtures/make_rouge_expected.py); the texts
+    # are read from ../shared, never stored here
+    expected = json.loads((ROOT / "tests/fixtures/rouge_expected.json").read_text())
+    path = SHARED / expected["source"]
+    if not path.is_file():
+        pytest.skip(f"real sample files not found at {path}")
+    lines = path.read_bytes().split(b"\n")
+    for row in expected["rows"]:
+        obj = json.loads(lines[row["line"] - 1])
+        prediction = obj["summaries"][0]["text"]
+        reference = obj["summaries"][1]["text"] if row["pair"] == "summary0_vs_summary1" else obj["info"]["post"]
+        assert data.rouge(prediction, reference) == pytest.approx({k: row[k] for k in ("rouge1", "rouge2", "rougeL")},
+                                                                  rel=0, abs=1e-9), row
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
@@ -289,7 +330,7 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
 @needs_sample
 def test_download_resumes_and_checks(tmp_path, monkeypatch):
     blob, dest = tmp_path / "blob", tmp_path / "data"
-    tldr = "".join(json.dumps(data.synth_record(0, "train", i)) + "\n" for i in range(3))
+    tldr = "".join(json.dumps(synth.synth_record(0, "train", i)) + "\n" for i in range(3))
     urls = ["http://www.cnn.com/2015/a.html", "http://www.dailymail.co.uk/news/b.html"]
     ids = [hashlib.sha1(u.encode()).hexdigest() for u in urls]
     files = {**{f"datasets/tldr_3_filtered/{s}.jsonl": tldr for s in ("train", "valid", "test")},
@@ -334,117 +375,3 @@ def test_parse_story():
     article, reference = data.parse_story(story)
     assert article == "First paragraph 'quoted'.\n\nSecond one."
     assert reference == "Point one. Point two."
-
-
-# ----------------------------------------------------------------------------------------------- synthetic world
-
-def test_synth_is_deterministic_and_loads_through_readers(tmp_path):
-    stats = data.write_synth(tmp_path, seed=5, sizes=dict(train=50, valid=20, test=20, transfer=20), n_labelers=4)
-    train = data.load_split("synth", "train", tmp_path)
-    assert train == [data.synth_record(5, "train", i) for i in range(50)]
-    assert train != [data.synth_record(6, "train", i) for i in range(50)]
-    assert (tmp_path / "train.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in train)
-    transfer = data.read_tldr(tmp_path / "transfer.jsonl")
-    assert {r["subreddit"] for r in transfer} == set(data.TRANSFER_SUBREDDITS)
-    assert not {r["subreddit"] for r in train} & set(data.TRANSFER_SUBREDDITS)
-    vps = [vp for vp, _ in data.TRANSFER_PROBLEMS]
-    assert not any(vp in r["post"] for r in train for vp in vps) and all(any(vp in r["post"] for vp in vps)
-                                                                        for r in transfer)
-    assert json.loads((tmp_path / "synth.json").read_text())["agreement"] == stats["agreement"]
-
-
-def test_synth_world_and_tokenizer_are_pinned(synth):
-    # the same records and tokens on every machine and run; if the world's tables change on purpose, bump
-    # data.WORLD (and data.SYNTH_TOKENIZER when its words change) and these numbers together
-    records = json.dumps([data.synth_record(0, split, i) for split in ("train", "transfer") for i in range(20)])
-    assert hashlib.sha256(records.encode()).hexdigest()[:16] == "108e74c49da39082"
-    assert synth.n_vocab == 1101 and synth.encode_ordinary(" How do I get him to stop?") == [588, 851, 593, 884, 908, 1073, 1049, 63]
-
-
-def test_synth_lengths(synth, world):
-    queries = [len(synth.encode_ordinary(data.format_query(r, synth, 10**9))) for r in world]
-    summaries = [len(synth.encode_ordinary(" " + r["summary"])) for r in world]
-    assert 40 <= np.mean(queries) <= 80 and max(queries) <= data.TASKS["synth"]["query_len"]
-    assert 8 <= np.mean(summaries) <= 25
-
-
-def test_gold_rewards_a_concise_complete_summary(world):
-    for rec in world[:100]:
-        perfect = data.perfect_summary(rec)
-        best = data.gold_score(rec, perfect)
-        assert best == dict(total=1.0, coverage=1.0, accuracy=1.0, coherence=1.0, length=1.0)
-        post_details = " ".join(s + "." for s in data._synth_world(rec["id"])[1]["details"])
-        exploits = {
-            "stuffing": perfect + " " + post_details + " " + perfect,
-            "repetition": perfect + " " + perfect + " " + perfect,
-            "copy": rec["post"],
-            "query": data.format_query(rec, data.get_tokenizer(data.SYNTH_TOKENIZER), 96),
-            "junk": "zq zq TL;DR: 12 ) ) (",
-            "keywords": " ".join(data._words(perfect)[1:-1]).replace(".", ""),
-            "empty": "",
-            "truncated": perfect[:-6],
-        }
-        for kind, text in exploits.items():
-            assert data.gold_score(rec, text)["total"] < best["total"] - 0.05, (kind, text)
-        for kind in ("drop_fact", "add_false_fact", "swap_roles", "add_detail", "shorter"):
-            assert data.gold_score(rec, data.perturb_summary(rec, kind))["total"] < best["total"], kind
-        assert data.gold_score(rec, data.perturb_summary(rec, "longer"))["total"] == best["total"]
-        main, question = perfect.split(". ")
-        echo = data.gold_score(rec, f"{main}. {main}. {question}")  # within the length budget: only repetition
-        assert echo["coherence"] < 1 and echo["total"] < best["total"] - 0.05
-        swapped = data.gold_score(rec, data.perturb_summary(rec, "swap_roles"))
-        assert swapped["accuracy"] < 1 and swapped["coherence"] == 1
-
-
-def test_references_are_beatable(world):
-    assert data.gold_win_rate(world, [data.perfect_summary(r) for r in world]) > 0.9
-    # a policy that copies the poster's most common habits (who and what only) still wins often
-    assert 0.35 < data.gold_win_rate(world, [data.perturb_summary(r, "shorter") for r in world]) < 0.55
-    scores = [data.gold_score(r, r["summary"]) for r in world]
-    assert 0.5 < np.mean([s["coverage"] for s in scores]) < 0.85 and np.mean([s["accuracy"] for s in scores]) < 1
-    assert all(s["coherence"] == 1 for s in scores)  # flawed in content, never in form
-
-
-def test_gold_needs_the_synthetic_record(world):
-    with pytest.raises(data.DataError, match="not a synthetic record id"):
-        data.gold_score(dict(world[0], id="t3_abc"), "x")
-    with pytest.raises(data.DataError, match="post differs"):
-        data.gold_score(dict(world[0], post="another post"), "x")
-
-
-def test_labeler_agreement_in_paper_range(world):
-    labelers = data.make_labelers(10, seed=0)
-    assert len({x.worker for x in labelers}) == 10 and all(len(x.worker) == 30 for x in labelers)
-    assert 0.73 <= data.labeler_agreement(world, labelers, random.Random(0)) <= 0.77
-    choices = [labelers[0].compare(r, data.perfect_summary(r), r["summary"]) for r in world]
-    assert all((c < 5) == (choice == 0) and 1 <= c <= 9 and c != 5 for choice, c in choices)
-
-
-def test_collect_comparisons_writes_original_format(tmp_path, world):
-    records = world[:40]
-    policies = {"sup_t0": [data.perfect_summary(r) for r in records],
-                "bad": [data.perturb_summary(r, "swap_roles") for r in records]}
-    comps = data.collect_comparisons(records, policies, data.make_labelers(3, seed=1), np.random.default_rng(0),
-                                     pairs_per_record=2, split="train", batch="synth0")
-    data.write_jsonl(tmp_path / "synth0.json", comps)
-    lines = (tmp_path / "synth0.json").read_bytes().split(b"\n")
-    assert lines[-1] == b"" and len(lines) == 81
-    for line, comp in zip(lines, comps):
-        assert line == json.dumps(comp).encode("ascii")
-        assert list(comp) == ["info", "split", "summaries", "choice", "worker", "batch", "extra"]
-        assert list(comp["info"]) == ["id", "post", "title", "subreddit"]
-        assert [list(s) for s in comp["summaries"]] == [["text", "policy", "note"]] * 2
-    rows = data.read_comparisons(tmp_path / "synth0.json")
-    assert len(rows) == 80 and {p for r in rows for p in r["policies"]} == {"sup_t0", "bad", "ref"}
-    assert all(r["policies"][0] != r["policies"][1] for r in rows)
-    # the labelers mostly see that the perfect summary beats the swapped one
-    duels = [r for r in rows if set(r["policies"]) == {"sup_t0", "bad"}]
-    assert np.mean([r["policies"][r["choice"]] == "sup_t0" for r in duels]) > 0.8
-
-
-def test_synth_command_line(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "data.py"), "synth", "--out-dir", str(tmp_path), "--n-train",
-                          "100", "--n-valid", "100", "--n-test", "10", "--n-transfer", "10"], capture_output=True,
-                         text=True, timeout=60, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    assert "agreement" in out.stdout and (tmp_path / "valid.jsonl").is_file()

@@ -1,0 +1,290 @@
+"""
+Stage 1: supervised fine-tuning on the reference summaries (the paper's "supervised baseline", section 3.4).
+
+The resulting policy samples the first summaries to compare, initializes the PPO policy, the reference policy of the
+KL penalty and the reward model, and is the baseline every result is compared to.
+
+    python sft.py --task synth                  # the synthetic TL;DR: a small GPT from scratch, minutes on a CPU
+    python sft.py --task tldr --model gpt2      # Reddit TL;DR from GPT-2 weights (any size, or a local HF dir)
+
+Writes <out>/sft.pt (the policy), <out>/sft.json (final metrics), <out>/sft.log.jsonl (one line per step) and
+<out>/sft_samples.jsonl (temperature-0 summaries of validation posts). The loss is on the summary tokens only
+(" " + summary + EOS), as in the paper; --loss-on all also trains on the query.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+from model import (GPT, PRESETS, CheckpointError, GPTConfig, autocast, configure_optimizers, load_checkpoint,
+                   model_from_checkpoint, paper_lr, pick_device, pick_dtype, sample_responses, save_checkpoint,
+                   trim_padding)
+
+# Task defaults; a flag left at None takes its value from here. tldr follows the paper (batch 128, one epoch,
+# cosine decay, learning rate by model size); synth is sized so the whole stage takes minutes on a 2-core CPU.
+DEFAULTS = {
+    "tldr": dict(model="gpt2", batch_size=128, micro_batch_size=8, lr=None, warmup=0.0, epochs=1.0, eval_every=100,
+                 save_every=200, val_size=1024, sample_n=256),
+    "synth": dict(model="scratch", batch_size=64, micro_batch_size=64, lr=2e-3, warmup=0.05, epochs=1.0,
+                  eval_every=50, save_every=50, val_size=512, sample_n=500),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # task and files
+    p.add_argument("--task", choices=["tldr", "synth"], default="synth", help="the paper's Reddit TL;DR or the "
+                   "offline synthetic TL;DR")
+    p.add_argument("--data-dir", help="the task's data (default: data/tldr or data/synth; for synth it is generated "
+                   "when missing)")
+    p.add_argument("--out-dir", help="where sft.pt and its logs go (default: out/<task>)")
+    p.add_argument("--cache-dir", default="data_cache", help="tokenized arrays, reused when the data is unchanged")
+    # model
+    p.add_argument("--model", help="tldr: a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face "
+                   "directory, or an sft.pt to continue from; synth: 'scratch' (default) builds a new small GPT")
+    p.add_argument("--n-layer", type=int, default=4, help="layers of a model built from scratch")
+    p.add_argument("--n-head", type=int, default=4, help="attention heads of a model built from scratch")
+    p.add_argument("--n-embd", type=int, default=128, help="width of a model built from scratch")
+    # optimization
+    p.add_argument("--batch-size", type=int, help="examples per optimizer step (tldr 128, the paper's; synth 64)")
+    p.add_argument("--micro-batch-size", type=int, help="examples per forward/backward; gradients accumulate over "
+                   "batch-size / micro-batch-size of them (lower it to fit memory)")
+    p.add_argument("--lr", type=float, help="peak learning rate. tldr default: the paper's SFT rates (6.35e-5 at "
+                   "1.3B, 2.83e-5 at 6.7B) extrapolated by their power law to the model size (2.0e-4 for 124M, "
+                   "5.9e-5 for 1.5B); synth: 2e-3")
+    p.add_argument("--warmup", type=float, help="fraction of the steps with a linear warm-up (tldr 0, synth 0.05); "
+                   "then cosine decay to 0")
+    p.add_argument("--epochs", type=float, help="passes over the training posts (the paper: 1)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on 2-D weights")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    p.add_argument("--loss-on", choices=["summary", "all"], default="summary", help="summary: loss on the summary "
+                   "tokens and EOS (the paper); all: on the query's tokens too")
+    # evaluation and logging
+    p.add_argument("--eval-every", type=int, help="steps between validation losses")
+    p.add_argument("--val-size", type=int, help="validation posts for the validation loss")
+    p.add_argument("--sample-n", type=int, help="validation posts summarized at temperature 0 at the end (ROUGE, "
+                   "length, and for synth the gold preference over the references)")
+    p.add_argument("--save-every", type=int, help="steps between resumable checkpoints (<out>/sft.resume.pt)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>/sft.resume.pt")
+    p.add_argument("--stop-after", type=int, help="stop after this many steps as if killed, leaving the resumable "
+                   "checkpoint (for time-sliced jobs and the resume test)")
+    # system
+    p.add_argument("--seed", type=int, default=0, help="seed for initialization and data order")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast dtype: auto = bf16 on GPUs that support it, fp32 otherwise")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    args = p.parse_args(argv)
+    for key, value in DEFAULTS[args.task].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.out_dir = args.out_dir or f"out/{args.task}"
+    args.data_dir = args.data_dir or data.TASKS[args.task]["data_dir"]
+    if args.batch_size % args.micro_batch_size:
+        p.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")
+    return args
+
+
+def build_model(args, enc, block_size):
+    """The starting policy: GPT-2 weights, a previous sft.pt, or (synth) a small GPT from scratch."""
+    if args.model == "scratch":
+        return GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=block_size, n_layer=args.n_layer, n_head=args.n_head,
+                             n_embd=args.n_embd))
+    if args.model.endswith(".pt"):
+        ckpt = load_checkpoint(args.model, stage="sft")
+        if ckpt["tokenizer"] != enc.name:
+            raise CheckpointError(f"{args.model}: tokenizer {ckpt['tokenizer']}, but task {args.task} uses {enc.name}")
+        return model_from_checkpoint(ckpt)
+    model = GPT.from_pretrained(args.model)
+    if model.config.vocab_size != enc.n_vocab:
+        raise ValueError(f"--model {args.model} has {model.config.vocab_size} tokens, the {enc.name} tokenizer "
+                         f"{enc.n_vocab}")
+    return model
+
+
+def sft_loss(model, query, response, pad, loss_on):
+    """Summed cross-entropy and the number of target tokens of a batch of (B, Lq) left-padded queries and (B, Lr)
+    right-padded responses. Summing (not averaging) lets micro-batches add up to the exact mean over the batch."""
+    tokens, cut = trim_padding(torch.cat([query, response], 1), pad)
+    n_query = query.size(1) - cut
+    mask = tokens != pad
+    start = 0 if loss_on == "all" else n_query - 1  # position t predicts token t + 1
+    logits = model(tokens, mask.long(), head_from=start)[:, :-1]
+    targets = tokens[:, start + 1:]
+    # A target counts when it is a real token with a real token before it (the first query token has none).
+    weight = (mask[:, start + 1:] & mask[:, start:-1]).float()
+    targets = targets.masked_fill(weight == 0, 0)  # PAD is no class of the (cut) logits; weight 0 drops it anyway
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    return (loss * weight.reshape(-1)).sum(), weight.sum()
+
+
+@torch.no_grad()
+def validation_loss(model, val, args, pad, device, dtype):
+    model.eval()
+    total, count = 0.0, 0.0
+    for i in range(0, len(val["query"]), args.micro_batch_size):
+        q, r = (torch.as_tensor(val[k][i:i + args.micro_batch_size], device=device).long() for k in ("query", "response"))
+        with autocast(device, dtype):
+            loss, n = sft_loss(model, q, r, pad, "summary")
+        total, count = total + loss.item(), count + n.item()
+    model.train()
+    return total / count
+
+
+def lr_at(step, total, args):
+    """Linear warm-up, then cosine decay to 0 (the paper's schedule)."""
+    warm = int(args.warmup * total)
+    if step < warm:
+        return args.lr * (step + 1) / warm
+    return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def batch_indices(n, batch_size, step, seed):
+    """The examples of an optimizer step: epoch e reads a permutation seeded by (seed, e), so the order is a function
+    of the step alone and a resumed run reads exactly what an uninterrupted one would."""
+    per_epoch = n // batch_size
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    dtype = pick_dtype(device, args.dtype)
+    task = data.TASKS[args.task]
+    enc = data.get_tokenizer(task["tokenizer"])
+    pad, eos, Lq, Lr = data.pad_id(enc), enc.eot_token, task["query_len"], task["response_len"]
+
+    # data
+    if args.task == "synth" and not (Path(args.data_dir) / task["files"]["train"]).exists():
+        import synth  # the synthetic task is generated on first use, in seconds
+        synth.write_synth(args.data_dir, seed=0)
+    train_records = data.load_split(args.task, "train", args.data_dir)
+    valid_records = data.load_split(args.task, "valid", args.data_dir)
+    train = data.prepare_sft(train_records, enc, Lq, Lr, args.cache_dir)
+    valid = data.prepare_sft(valid_records, enc, Lq, Lr, args.cache_dir)
+    val = {k: v[:args.val_size] for k, v in valid.items()}
+    n_train = len(train["query"])
+    total_steps = int(args.epochs * n_train) // args.batch_size
+    if total_steps < 1:
+        raise ValueError(f"{n_train} training examples make no step of --batch-size {args.batch_size}")
+    accum = args.batch_size // args.micro_batch_size
+
+    # model and optimizer
+    model = build_model(args, enc, Lq + Lr).to(device)
+    if Lq + Lr > model.config.block_size:
+        raise ValueError(f"queries of {Lq} + responses of {Lr} tokens exceed the model's {model.config.block_size}")
+    model.config.dropout = 0.0  # the paper's models train without dropout; none of ours carries any
+    args.lr = args.lr or paper_lr("sft", model.num_params())
+    optimizer = configure_optimizers(model, args.lr, args.weight_decay, device_type=device.type)
+    step, log_mode = 0, "w"
+    resume_path = out / "sft.resume.pt"
+    if args.resume:
+        state = load_checkpoint(resume_path, stage="sft")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        step, log_mode = state["step"], "a"
+        print(f"sft: resumed at step {step}/{total_steps} from {resume_path}")
+    forward = torch.compile(model) if args.compile else model
+    print(f"sft: {args.task}, {model.num_params():,} parameters, {n_train:,} examples, {total_steps} steps of "
+          f"{args.batch_size} ({accum} x {args.micro_batch_size}), lr {args.lr:.2e}, {device} {dtype}")
+
+    def save_resumable():
+        save_checkpoint(resume_path, model, stage="sft", task=args.task, tokenizer=enc.name, args=args, step=step,
+                        optimizer=optimizer.state_dict(), rng=torch.get_rng_state())
+
+    # training loop
+    log = open(out / "sft.log.jsonl", log_mode)
+    t_start = time.time()
+    if step == 0:  # where the validation loss starts, for comparison
+        row = dict(step=0, val_loss=validation_loss(forward, val, args, pad, device, dtype), elapsed=0.0)
+        log.write(json.dumps(row) + "\n")
+        print(f"step 0/{total_steps} | val loss {row['val_loss']:.4f}")
+    model.train()
+    while step < total_steps:
+        t0 = time.time()
+        lr = lr_at(step, total_steps, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = batch_indices(n_train, args.batch_size, step, args.seed)
+        # The batch's target count, so micro-batch losses add up to the exact mean. Query and response are one
+        # contiguous run of real tokens per row: with --loss-on all every real token but the first is a target.
+        n_target = float((train["response"][idx] != pad).sum())
+        if args.loss_on == "all":
+            n_target += float((train["query"][idx] != pad).sum()) - len(idx)
+        loss_sum, tokens = 0.0, 0
+        for m in range(accum):
+            part = idx[m * args.micro_batch_size:(m + 1) * args.micro_batch_size]
+            q, r = (torch.as_tensor(train[k][part], device=device).long() for k in ("query", "response"))
+            with autocast(device, dtype):
+                loss, n = sft_loss(forward, q, r, pad, args.loss_on)
+            (loss / n_target).backward()
+            loss_sum += loss.item()
+            tokens += int((q != pad).sum() + (r != pad).sum())
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        row = dict(step=step, loss=loss_sum / n_target, lr=lr, tokens_per_s=tokens / (time.time() - t0),
+                   elapsed=time.time() - t_start)
+        if step % args.eval_every == 0 or step == total_steps:
+            row["val_loss"] = validation_loss(forward, val, args, pad, device, dtype)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        print(f"step {step}/{total_steps} | loss {row['loss']:.4f} | lr {lr:.2e} | {row['tokens_per_s']:,.0f} tok/s"
+              f" | {row['elapsed']:.1f}s" + (f" | val loss {row['val_loss']:.4f}" if "val_loss" in row else ""))
+        if step % args.save_every == 0 or step == args.stop_after:
+            save_resumable()
+        if step == args.stop_after and step < total_steps:
+            print(f"sft: stopped after step {step} (--stop-after); continue with --resume")
+            return
+    log.close()
+
+    # evaluation: temperature-0 summaries of validation posts
+    model.eval()
+    sample = {k: v[:args.sample_n] for k, v in valid.items()}
+    records = [valid_records[i] for i in sample["index"]]
+    responses = sample_responses(model, sample["query"], Lr, 0.0, eos, pad, args.micro_batch_size, device, dtype,
+                                 desc="sft: summarizing validation posts")
+    texts = data.decode_responses(enc, responses)
+    lengths = (responses != pad).sum(1) - (responses == eos).sum(1)  # tokens before EOS
+    metrics = dict(val_loss=row["val_loss"], train_loss=row["loss"], steps=step, examples=step * args.batch_size,
+                   minutes=(time.time() - t_start) / 60, sample_n=len(texts), mean_length=float(lengths.float().mean()),
+                   ref_mean_length=float(((sample["response"] != pad).sum(1) - 1).mean()),
+                   **data.mean_rouge(texts, [r["summary"] for r in records]))
+    if args.task == "synth":
+        import synth
+        metrics["gold_win_rate_vs_ref"] = synth.gold_win_rate(records, texts)
+        metrics["gold_win_rate_stderr"] = math.sqrt(metrics["gold_win_rate_vs_ref"] *
+                                                    (1 - metrics["gold_win_rate_vs_ref"]) / len(texts))
+    with open(out / "sft_samples.jsonl", "w") as f:
+        for rec, text in zip(records, texts):
+            f.write(json.dumps(dict(id=rec["id"], reference=data.as_response(rec["summary"]), sft=text)) + "\n")
+    for rec, text in list(zip(records, texts))[:3]:
+        print(f"\n  reference:{data.as_response(rec['summary'])}\n  sft:      {text}")
+    save_checkpoint(out / "sft.pt", model, stage="sft", task=args.task, tokenizer=enc.name, args=args, step=step,
+                    metrics=metrics)
+    (out / "sft.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    resume_path.unlink(missing_ok=True)
+    print("\nsft: " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    print(f"sft: wrote {out / 'sft.pt'}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, CheckpointError, FileNotFoundError, ConnectionError, ValueError) as e:
+        sys.exit(f"sft.py: error: {e}")

@@ -1,0 +1,424 @@
+"""The synthetic TL;DR: an offline stand-in for Reddit TL;DR and its human labelers, small enough that the whole RLHF
+loop runs on a laptop CPU, with a ground truth that the real task lacks.
+
+    python synth.py --seed 0            # train/valid/test/transfer posts -> data/synth/, prints labeler agreement
+
+The world. Each post asks for advice about one person (a boyfriend, a mom, a roommate) who does something to the
+poster ("keeps reading my texts"); it says how long they have known each other ("7 months"), asks a question ("am I
+overreacting?") and mentions two irrelevant details ("we have two cats"). A record is a pure function of its id
+"{WORLD}_{seed}_{split}_{index}", so the hidden facts are regenerated from the record alone. Records are written in
+the tldr_3_filtered format and read by data.py's readers: every stage has one code path for both tasks. The transfer
+split has a subreddit, people and problems never seen in training, and two new questions (the analogue of the
+paper's CNN/DM transfer, Section 4.2). All text is ASCII without apostrophes, and data.py's synth tokenizer has one
+token for each word the world can write (`world_words`).
+
+The poster. The reference TL;DR is written by a simulated poster with human habits (POSTER): it often leaves out the
+duration or the question, sometimes adds an irrelevant detail, now and then states something false. References are
+beatable, as the paper's are (Section 4.1), and a supervised policy that imitates them inherits their omissions: the
+room left for RL.
+
+The gold labeler. `gold_score` is a documented rubric on the paper's axes (coverage, accuracy, coherence) plus a
+length budget. A concise summary of the key facts scores 1; stuffing, repeating, copying the post or junk score
+less, so over-optimizing a learned reward model (the paper's Section 4.3) shows up as a falling gold score.
+
+The labelers. Each `Labeler` prefers a summary with Bradley-Terry noise on the gold totals, calibrated so that two
+labelers agree about 75% of the time (the paper: 73-77%, Section 3.3), and reports the released data's 9-point
+confidence. `data.collect_comparisons` asks them about pairs of summaries and writes the original comparison format.
+"""
+import argparse
+import functools
+import json
+import math
+import random
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from data import (PAT_ASCII, SYNTH_TOKENIZER, TASKS, TEMPLATES, DataError, as_response, format_query, get_tokenizer,
+                  write_atomic, write_jsonl)
+
+# ----------------------------------------------------------------------------------------------------------------
+# the world's tables. Everything is ASCII and free of apostrophes, so each word is one token. Editing them changes
+# the world: bump WORLD (and data.SYNTH_TOKENIZER if the set of words changes).
+
+WORLD = "synth1"
+
+SUBREDDITS = {"relationships": ["boyfriend", "girlfriend", "husband", "wife"],
+              "dating_advice": ["boyfriend", "girlfriend"],
+              "relationship_advice": ["best friend", "roommate", "boyfriend", "girlfriend"],
+              "Advice": ["mom", "dad", "sister", "brother", "roommate"]}
+TRANSFER_SUBREDDITS = {"jobs": ["boss", "coworker", "manager"]}  # never in train/valid/test, nor its problems
+GENDER = dict(boyfriend="M", husband="M", dad="M", brother="M", girlfriend="F", wife="F", mom="F", sister="F")
+PARTNERS = {"boyfriend", "girlfriend", "husband", "wife"}
+PRONOUNS = dict(M=dict(he="he", him="him", his="his"), F=dict(he="she", him="her", his="her"))
+# A problem is what the other person does to the poster, with the same act with the roles reversed ("swap_roles",
+# the perturbation of the paper's Section 4.3). Every problem is one-sided so that the swap is a false statement.
+PROBLEMS = [
+    ("keeps reading my texts", "keep reading {his} texts"), ("owes me money", "owe {him} money"),
+    ("borrows my car without asking", "borrow {his} car without asking"), ("yells at me a lot", "yell at {him} a lot"),
+    ("ignores my messages", "ignore {his} messages"), ("told my secret to everyone", "told {his} secret to everyone"),
+    ("blames me for everything", "blame {him} for everything"), ("eats my food", "eat {his} food"),
+    ("makes fun of my job", "make fun of {his} job"), ("talks over me", "talk over {him}")]
+PARTNER_PROBLEMS = [
+    ("cheated on me", "cheated on {him}"), ("forgot my birthday", "forgot {his} birthday"),
+    ("invited my ex to dinner", "invited {his} ex to dinner"), ("lied to me about money", "lied to {him} about money")]
+TRANSFER_PROBLEMS = [
+    ("takes credit for my work", "take credit for {his} work"), ("reads my emails", "read {his} emails"),
+    ("gives me all the late shifts", "give {him} all the late shifts"),
+    ("yells at me in meetings", "yell at {him} in meetings")]
+QUESTIONS = ["what should I do", "how do I get {him} to stop", "am I overreacting", "should I confront {him}",
+             "how do I talk to {him} about it", "is this normal"]
+TRANSFER_QUESTIONS = ["should I quit", "should I talk to HR"]
+DETAILS = ["I work at a bakery", "I just started college", "we have two cats", "I play guitar in a band",
+           "we live in a small town", "I am saving for a car", "my favorite food is pizza", "I go to the gym a lot",
+           "we met at a concert", "it snowed a lot this winter", "I have a dog named Max", "I love hiking"]
+UNITS = ["weeks", "months", "years"]
+INTROS = ["I ({a1} {g1}) have known my {rel} ({a2} {g2}) for {dur}.",
+          "My {rel} ({a2} {g2}) and I ({a1} {g1}) have been close for {dur}."]
+PROBLEM_LINES = ["Lately {he} {vp}.", "The problem is that {he} {vp}.", "Recently {he} {vp}."]
+FEELINGS = ["It really hurts.", "I feel awful about it.", "It is driving me crazy.", "I feel lost."]
+TITLES = ["Need advice about my {rel}", "My {rel} {vp}", "{Q}?", "Not sure what to do"]
+# How the simulated poster writes a TL;DR. The main sentence comes in a short and a long form, with or without the
+# duration; {act} is "{he} {vp}" or, with roles swapped, "I {swap}". "bare" leaves out who the other person is.
+MAIN_FORMS = {("short", True): "My {rel} of {dur} {vp}.", ("short", False): "My {rel} {vp}.",
+              ("long", True): "I have known my {rel} for {dur} and {act}.",
+              ("long", False): "Me and my {rel} are close but {act}.", ("bare", False): "{Act}."}
+# The poster's habits (probabilities). Most references leave out the duration or the question, some add an
+# irrelevant detail, a few state something false: beatable, like the paper's references, and a supervised policy
+# that imitates them at temperature 0 inherits the omissions, which is the room left for RL (Section 4.1).
+POSTER = dict(duration=0.3, question=0.3, bare=0.12, long=0.3, detail=0.35, wrong=0.15)
+# Gold rubric (see gold_score). Coverage weights sum to 1; BUDGET is the synthetic analogue of the 48-token limit.
+COVER = dict(rel=0.2, vp=0.4, dur=0.2, q=0.2)
+DETAIL_COST, FALSE_COST, INCOHERENCE_COST, BUDGET = 0.1, 0.5, 0.25, 28
+LABELER_NOISE = 0.044  # Bradley-Terry temperature on gold totals; calibrated for ~75% labeler-labeler agreement
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# records: a post and its hidden facts, regenerated from the record's id
+
+def _words(text):
+    return [p.strip() for p in PAT_ASCII.findall(text) if p.strip()]
+
+
+def _key(text):
+    return tuple(w.lower() for w in _words(text))
+
+
+def _cap(s):
+    return s[:1].upper() + s[1:]
+
+
+def world_words():
+    """Every word the world can write, capitalized or not: the vocabulary of the synthetic tokenizer. It depends only
+    on the tables above, never on a seed, so the tokenizer name always rebuilds the same encoding."""
+    texts = list(SUBREDDITS) + list(TRANSFER_SUBREDDITS) + sum(SUBREDDITS.values(), [])
+    texts += sum(TRANSFER_SUBREDDITS.values(), []) + sum(map(list, PROBLEMS + PARTNER_PROBLEMS + TRANSFER_PROBLEMS), [])
+    texts += QUESTIONS + TRANSFER_QUESTIONS + DETAILS + UNITS + INTROS + PROBLEM_LINES + FEELINGS + TITLES
+    texts += list(MAIN_FORMS.values()) + [TEMPLATES["tldr"][0], "I he she him his her M F ? . \n"]
+    texts += [str(n) for n in range(100)]
+    words = {w for t in texts for w in _words(re.sub(r"\{\w+\}", " ", t))}
+    return {v for w in words for v in (w, _cap(w), w[:1].lower() + w[1:])}
+
+
+@functools.lru_cache(maxsize=65536)
+def _synth_world(record_id):
+    """Regenerate a synthetic record and its hidden facts from its id "{WORLD}_{seed}_{split}_{index}". The record is
+    a pure function of the id, so the gold labeler needs nothing but the record as read back from a file."""
+    parts = str(record_id).split("_")
+    if len(parts) != 4 or parts[0] != WORLD or parts[2] not in TASKS["synth"]["files"]:
+        raise DataError(f"{record_id!r} is not a synthetic record id ({WORLD}_<seed>_<split>_<index>)")
+    rng, transfer = random.Random(record_id), parts[2] == "transfer"  # a str seed is hashed: same on every machine
+    subs = TRANSFER_SUBREDDITS if transfer else SUBREDDITS
+    subreddit = rng.choice(sorted(subs))
+    rel = rng.choice(subs[subreddit])
+    g2 = GENDER.get(rel) or rng.choice("MF")
+    p = PRONOUNS[g2]
+    a1, g1 = rng.randint(18, 35), rng.choice("MF")
+    a2 = a1 + (rng.randint(20, 30) if rel in ("mom", "dad") else rng.randint(-4, 6))
+    pool = TRANSFER_PROBLEMS if transfer else PROBLEMS + (PARTNER_PROBLEMS if rel in PARTNERS else [])
+    vp, swap = rng.choice(pool)
+    q = rng.choice(QUESTIONS + (TRANSFER_QUESTIONS if transfer else []))
+    f = dict(rel=rel, he=p["he"], vp=vp, swap="I " + swap.format(**p), dur=f"{rng.randint(2, 11)} {rng.choice(UNITS)}",
+             q_id=q, q=q.format(**p), details=rng.sample(DETAILS, 2))
+    slots = dict(a1=a1, g1=g1, a2=a2, g2=g2, rel=rel, dur=f["dur"], he=p["he"], vp=vp, Q=_cap(f["q"]))
+    first = rng.choice(INTROS).format(**slots) + " " + _cap(f["details"][0]) + "."
+    second = [rng.choice(PROBLEM_LINES).format(**slots), _cap(f["details"][1]) + "."]
+    second += [rng.choice(FEELINGS)] if rng.random() < 0.6 else []
+    paragraphs = [first, " ".join(second), _cap(f["q"]) + "?"]
+    post = "\n\n".join(paragraphs) if rng.random() < 0.7 else " ".join(paragraphs)
+    record = dict(id=record_id, subreddit=subreddit, title=rng.choice(TITLES).format(**slots), post=post,
+                  summary=_render(f, _poster_plan(f, rng)))
+    return record, f
+
+
+def synth_record(seed, split, index):
+    """The synthetic record (tldr_3_filtered fields) number `index` of a split: train/valid/test/transfer."""
+    return dict(_synth_world(f"{WORLD}_{seed}_{split}_{index}")[0])
+
+
+def _facts(record):
+    world, facts = _synth_world(record.get("id"))
+    if world["post"] != record.get("post"):
+        raise DataError(f"record {record.get('id')}: its post differs from the synthetic world's (another version?)")
+    return facts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the poster's TL;DRs, and the perfect and perturbed summaries that probe a reward model
+
+def _poster_plan(f, rng):
+    """What the simulated poster puts in a TL;DR (see POSTER)."""
+    plan = dict(dur=rng.random() < POSTER["duration"], q=rng.random() < POSTER["question"], details=[],
+                swap=False, wrong_dur=None)
+    plan["form"] = "bare" if not plan["dur"] and rng.random() < POSTER["bare"] else (
+        "long" if rng.random() < POSTER["long"] else "short")
+    if rng.random() < POSTER["detail"]:
+        plan["details"].append(rng.choice(f["details"]))
+    if rng.random() < POSTER["wrong"]:
+        _add_false_fact(f, plan, rng)
+    return plan
+
+
+def _add_false_fact(f, plan, rng):
+    kind = rng.choice(["dur", "swap", "detail"])
+    if kind == "dur":  # a misremembered number, often the kind of slip a small model makes too
+        n, unit = f["dur"].split()
+        plan.update(dur=True, form="short" if plan["form"] == "bare" else plan["form"],
+                    wrong_dur=f"{int(n) + rng.choice([-1, 1, 2])} {unit}")
+    elif kind == "swap":
+        plan.update(swap=True, form="long")
+    else:
+        plan["details"] = [rng.choice([d for d in DETAILS if d not in f["details"]])]
+
+
+def _render(f, plan):
+    act = f["swap"] if plan["swap"] else f"{f['he']} {f['vp']}"
+    main = MAIN_FORMS[(plan["form"], plan["dur"] and plan["form"] != "bare")]
+    text = main.format(rel=f["rel"], dur=plan["wrong_dur"] or f["dur"], vp=f["vp"], act=act, Act=_cap(act))
+    text += "".join(f" {_cap(d)}." for d in plan["details"])
+    return text + (f" {_cap(f['q'])}?" if plan["q"] else "")
+
+
+def sample_reference(record, rng):
+    """A fresh TL;DR of a synthetic record by the simulated poster (`rng`: random.Random), flaws and all."""
+    f = _facts(record)
+    return _render(f, _poster_plan(f, rng))
+
+
+def perfect_summary(record):
+    """Every key fact, nothing else, in the short form: what the gold labeler likes best."""
+    return _render(_facts(record), dict(form="short", dur=True, q=True, details=[], swap=False, wrong_dur=None))
+
+
+PERTURBATIONS = ("drop_fact", "add_false_fact", "swap_roles", "add_detail", "shorter", "longer")
+
+
+def perturb_summary(record, kind, rng=None):
+    """The record's perfect summary changed in one way, for probing what a reward model has learned (the paper's
+    Section 4.3): drop_fact (one key fact left out), add_false_fact (a wrong number, a detail not in the post, or
+    the roles swapped), swap_roles, add_detail (an irrelevant true detail), shorter (only who and the problem),
+    longer (the same facts in the long form: the gold labeler is indifferent, a length-biased model is not)."""
+    rng = rng or random.Random(0)
+    f = _facts(record)
+    plan = dict(form="short", dur=True, q=True, details=[], swap=False, wrong_dur=None)
+    if kind == "drop_fact":
+        plan.update(rng.choice([dict(dur=False), dict(q=False), dict(form="bare", dur=False)]))
+    elif kind == "add_false_fact":
+        _add_false_fact(f, plan, rng)
+    elif kind == "swap_roles":
+        plan.update(swap=True, form="long")
+    elif kind == "add_detail":
+        plan["details"] = [rng.choice(f["details"])]
+    elif kind == "shorter":
+        plan.update(dur=False, q=False)
+    elif kind == "longer":
+        plan["form"] = "long"
+    else:
+        raise ValueError(f"unknown perturbation {kind!r}; expected one of {PERTURBATIONS}")
+    return _render(f, plan)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the gold labeler: parse a summary into the facts it states, then grade it
+
+@functools.lru_cache(maxsize=None)
+def _lexicon():
+    """Phrase -> (kind, value) for everything the world can state, and the word-class bigrams that well-formed
+    summaries contain. Parsing a summary is a longest-match over these phrases; what is left over is junk."""
+    lex = {}
+    for rel in sum(SUBREDDITS.values(), []) + sum(TRANSFER_SUBREDDITS.values(), []):
+        lex[_key(rel)] = ("rel", rel)
+    for n in range(1, 100):
+        for unit in UNITS:
+            lex[(str(n), unit)] = ("dur", f"{n} {unit}")
+    for vp, swap in PROBLEMS + PARTNER_PROBLEMS + TRANSFER_PROBLEMS:
+        lex[_key(vp)] = ("vp", vp)
+        for p in PRONOUNS.values():
+            lex[_key("I " + swap.format(**p))] = ("swap", vp)
+    for q in QUESTIONS + TRANSFER_QUESTIONS:  # either pronoun covers the question: pronouns are not graded
+        for p in PRONOUNS.values():
+            lex[_key(q.format(**p))] = ("q", q)
+    for d in DETAILS:
+        lex[_key(d)] = ("detail", d)
+    sentences = [["DETAIL", "."], ["Q", "?"]]
+    for form in MAIN_FORMS.values():
+        for act in ("he {vp}", "{swap}"):
+            s = form.replace("{Act}", "{act}").replace("{act}", act).lower()
+            sentences.append(_words(re.sub(r"\{(\w+)\}", lambda m: m.group(1).upper(), s)))
+    literals = {w for s in sentences for w in s if not w.isupper()} | {"she"}
+    lex.update({(w,): ("lit", w) for w in literals if (w,) not in lex})
+    bigrams = {pair for s in sentences for pair in zip(["<s>"] + s, s + ["</s>"])}
+    bigrams |= {(s[-1], t[0]) for s in sentences for t in sentences}
+    return lex, max(map(len, lex)), bigrams
+
+
+def _parse(text):
+    lex, longest, _ = _lexicon()
+    words, units, i = list(_key(text)), [], 0
+    while i < len(words):
+        for n in range(min(longest, len(words) - i), 0, -1):
+            if tuple(words[i:i + n]) in lex:
+                units.append(lex[tuple(words[i:i + n])])
+                i += n
+                break
+        else:
+            units.append(("junk", words[i]))
+            i += 1
+    return units
+
+
+def gold_score(record, summary):
+    """The synthetic task's ground truth: a documented rubric on the paper's axes (Section 4.1), each in [0, 1].
+      coverage  = 0.2 who (the relation) + 0.4 the problem + 0.2 how long + 0.2 the question asked,
+                  minus 0.1 for each irrelevant detail of the post (it spends the reader's attention)
+      accuracy  = 1 - 0.5 per distinct false statement (wrong person, number, problem, question, a detail not in the
+                  post, or the roles swapped)
+      coherence = 1 - 0.25 per word pair that no well-formed summary contains (junk words, broken or unfinished
+                  sentences) - 0.25 per repeated fact; 0 when nothing is stated
+      length    = 1 - (words over BUDGET) / BUDGET, at least 0
+      total     = (2 coverage + 2 accuracy + coherence + length) / 6
+    Stuffing facts, repeating them, copying the post or emitting junk all score below a concise, complete summary."""
+    f = _facts(record)
+    units = _parse(summary)
+    claims = Counter(u for u in units if u[0] not in ("lit", "junk"))
+    truth = dict(rel=f["rel"], vp=f["vp"], dur=f["dur"], q=f["q_id"])
+    coverage = sum(w for kind, w in COVER.items() if (kind, truth[kind]) in claims)
+    coverage -= DETAIL_COST * sum(1 for kind, v in claims if kind == "detail" and v in f["details"])
+    false = sum(1 for kind, v in claims if kind == "swap" or (kind == "detail" and v not in f["details"])
+                or (kind in truth and v != truth[kind]))
+    _, _, bigrams = _lexicon()
+    classes = ["<s>"] + [("he" if v == "she" else v) if k == "lit" else "#" if k == "junk" else k.upper()
+                         for k, v in units] + ["</s>"]
+    bad = sum(pair not in bigrams for pair in zip(classes, classes[1:]))
+    repeats = sum(c - 1 for c in claims.values())
+    coherence = max(0.0, 1 - INCOHERENCE_COST * (bad + repeats)) if claims else 0.0
+    length = max(0.0, 1 - max(0, len(_words(summary)) - BUDGET) / BUDGET)
+    scores = dict(coverage=max(0.0, coverage), accuracy=max(0.0, 1 - FALSE_COST * false), coherence=coherence,
+                  length=length)
+    return dict(total=(2 * scores["coverage"] + 2 * scores["accuracy"] + coherence + length) / 6, **scores)
+
+
+def gold_win_rate(records, summaries, baselines=None):
+    """How often the gold labeler prefers `summaries` to the references (or `baselines`); a tie counts a half."""
+    wins = []
+    for i, rec in enumerate(records):
+        a = gold_score(rec, summaries[i])["total"]
+        b = gold_score(rec, baselines[i] if baselines else rec["summary"])["total"]
+        wins.append(1.0 if a > b + 1e-9 else 0.5 if abs(a - b) <= 1e-9 else 0.0)
+    return float(np.mean(wins))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the simulated labelers
+
+class Labeler:
+    """A simulated labeler: prefers summary 0 with probability sigmoid((gold0 - gold1) / noise) (Bradley-Terry), so
+    clear differences are judged reliably and close calls are nearly coin flips, as with the paper's labelers."""
+
+    def __init__(self, worker, noise=LABELER_NOISE, seed=0):
+        self.worker, self.noise, self.rng = worker, noise, np.random.default_rng(seed)
+
+    def compare(self, record, text0, text1):
+        """-> (choice, confidence): confidence on the released data's 9-point scale, 1-4 = summary 0 preferred
+        (1 surest), 6-9 = summary 1 (9 surest); 5 is never used. A choice against the odds comes with low confidence."""
+        diff = gold_score(record, text0)["total"] - gold_score(record, text1)["total"]
+        p0 = 1 / (1 + math.exp(-diff / self.noise))
+        choice = int(self.rng.random() >= p0)
+        sure = 2 * (p0 if choice == 0 else 1 - p0) - 1
+        strength = int(np.clip(round(1 + 3 * sure + self.rng.normal(0, 0.6)), 1, 4))
+        return choice, 5 - strength if choice == 0 else 5 + strength
+
+
+def make_labelers(n, seed=0, noise=LABELER_NOISE):
+    """`n` labelers with 30-character pseudonymous worker ids, like the released data, each a little more or less
+    careful than `noise`."""
+    rng = random.Random(f"labelers_{seed}")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+    return [Labeler("".join(rng.choice(alphabet) for _ in range(30)), noise * rng.uniform(0.9, 1.1),
+                    seed=rng.getrandbits(32)) for _ in range(n)]
+
+
+def labeler_agreement(records, labelers, rng, pairs=4000):
+    """How often two different labelers choose the same summary, on typical pairs: two different TL;DRs the poster
+    could have written for the same post. The paper: 73% between researchers, 77% labeler-researcher (Section 3.3)."""
+    same = []
+    for i in range(pairs):
+        rec = records[i % len(records)]
+        a, b = sample_reference(rec, rng), sample_reference(rec, rng)
+        if a != b:
+            x, y = rng.sample(labelers, 2)
+            same.append(x.compare(rec, a, b)[0] == y.compare(rec, a, b)[0])
+    return float(np.mean(same))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the files
+
+def write_synth(out_dir, seed=0, sizes=None, n_labelers=10):
+    """Write the synthetic splits in the tldr_3_filtered format and a synth.json with the world's statistics."""
+    sizes = sizes or dict(train=20000, valid=1000, test=1000, transfer=1000)
+    out_dir, stats = Path(out_dir), dict(seed=seed, world=WORLD, tokenizer=SYNTH_TOKENIZER, sizes=sizes)
+    splits = {s: [synth_record(seed, s, i) for i in range(n)] for s, n in sizes.items()}
+    for split, records in splits.items():
+        write_jsonl(out_dir / TASKS["synth"]["files"][split], records)
+    enc, valid = get_tokenizer(SYNTH_TOKENIZER), splits["valid"] or splits["train"]
+    q_lens = [len(enc.encode_ordinary(format_query(r, enc, 10**9))) for r in valid]
+    s_lens = [len(enc.encode_ordinary(as_response(r["summary"]))) + 1 for r in valid]  # + EOS
+    labelers = make_labelers(n_labelers, seed)
+    stats.update(vocab=enc.n_vocab, query_tokens=[int(np.mean(q_lens)), max(q_lens)],
+                 response_tokens=[int(np.mean(s_lens)), max(s_lens)],
+                 gold_reference=round(float(np.mean([gold_score(r, r["summary"])["total"] for r in valid])), 4),
+                 gold_perfect=round(float(np.mean([gold_score(r, perfect_summary(r))["total"] for r in valid])), 4),
+                 perfect_vs_reference=round(gold_win_rate(valid, [perfect_summary(r) for r in valid]), 4),
+                 labelers=[x.worker for x in labelers],
+                 agreement=round(labeler_agreement(valid, labelers, random.Random(seed)), 4))
+    write_atomic(out_dir / "synth.json", json.dumps(stats, indent=1) + "\n")
+    return stats
+
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", default=TASKS["synth"]["data_dir"], help="where to write the splits")
+    parser.add_argument("--seed", type=int, default=0, help="world seed (the tokenizer does not depend on it)")
+    parser.add_argument("--n-train", type=int, default=20000, help="training posts")
+    parser.add_argument("--n-valid", type=int, default=1000, help="validation posts")
+    parser.add_argument("--n-test", type=int, default=1000, help="test posts")
+    parser.add_argument("--n-transfer", type=int, default=1000, help="posts from the held-out subreddit and problems")
+    parser.add_argument("--labelers", type=int, default=10, help="simulated labelers")
+    args = parser.parse_args()
+    t0 = time.time()
+    stats = write_synth(args.out_dir, args.seed, dict(train=args.n_train, valid=args.n_valid, test=args.n_test,
+                                                      transfer=args.n_transfer), args.labelers)
+    print(f"synth: wrote {args.out_dir} in {time.time() - t0:.1f}s | tokenizer {SYNTH_TOKENIZER} vocab {stats['vocab']}"
+          f" | query tokens mean/max {stats['query_tokens']} | reference tokens {stats['response_tokens']}"
+          f" | gold: reference {stats['gold_reference']:.3f}, perfect {stats['gold_perfect']:.3f}")
+    print(f"synth: labeler-labeler agreement {stats['agreement']:.1%} (paper: 73-77%) | gold prefers a perfect summary "
+          f"to the reference {stats['perfect_vs_reference']:.1%} of the time")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Tests of synth.py: the synthetic world is pinned and loads through data.py's readers, the gold labeler rewards a
+concise complete summary and punishes the usual exploits, the simulated labelers agree as often as the paper's, and
+comparisons collected from them are in the original format. Hermetic: nothing outside the repository is needed."""
+import hashlib
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import synth  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return data.get_tokenizer(data.SYNTH_TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return [synth.synth_record(0, "valid", i) for i in range(300)]
+
+
+def test_synth_tokenizer(enc):
+    assert data.pad_id(enc) == enc.n_vocab and enc.eot_token == enc.n_vocab - 1
+    text = data.format_query(synth.synth_record(3, "train", 7), enc, 96)
+    tokens = enc.encode_ordinary(text)
+    assert len(tokens) == len(data.PAT_ASCII.findall(text)) and enc.decode(tokens) == text  # one token per word
+    assert enc.decode(enc.encode_ordinary("caf\u00e9 zyx")) == "caf\u00e9 zyx"  # any text still encodes
+    assert enc.encode("x<|endoftext|>", allowed_special="all")[-1] == enc.eot_token
+    with pytest.raises(data.DataError, match="unknown tokenizer"):
+        data.get_tokenizer("nope")
+
+
+
+def test_synth_is_deterministic_and_loads_through_readers(tmp_path):
+    stats = synth.write_synth(tmp_path, seed=5, sizes=dict(train=50, valid=20, test=20, transfer=20), n_labelers=4)
+    train = data.load_split("synth", "train", tmp_path)
+    assert train == [synth.synth_record(5, "train", i) for i in range(50)]
+    assert train != [synth.synth_record(6, "train", i) for i in range(50)]
+    assert (tmp_path / "train.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in train)
+    transfer = data.read_tldr(tmp_path / "transfer.jsonl")
+    assert {r["subreddit"] for r in transfer} == set(synth.TRANSFER_SUBREDDITS)
+    assert not {r["subreddit"] for r in train} & set(synth.TRANSFER_SUBREDDITS)
+    vps = [vp for vp, _ in synth.TRANSFER_PROBLEMS]
+    assert not any(vp in r["post"] for r in train for vp in vps) and all(any(vp in r["post"] for vp in vps)
+                                                                        for r in transfer)
+    assert json.loads((tmp_path / "synth.json").read_text())["agreement"] == stats["agreement"]
+
+
+def test_synth_world_and_tokenizer_are_pinned(enc):
+    # the same records and tokens on every machine and run; if the world's tables change on purpose, bump
+    # synth.WORLD (and data.SYNTH_TOKENIZER when its words change) and these numbers together
+    records = json.dumps([synth.synth_record(0, split, i) for split in ("train", "transfer") for i in range(20)])
+    assert hashlib.sha256(records.encode()).hexdigest()[:16] == "108e74c49da39082"
+    assert enc.n_vocab == 1101
+    assert enc.encode_ordinary(" How do I get him to stop?") == [588, 851, 593, 884, 908, 1073, 1049, 63]
+
+
+def test_synth_lengths(enc, world):
+    queries = [len(enc.encode_ordinary(data.format_query(r, enc, 10**9))) for r in world]
+    summaries = [len(enc.encode_ordinary(" " + r["summary"])) for r in world]
+    assert 40 <= np.mean(queries) <= 80 and max(queries) <= data.TASKS["synth"]["query_len"]
+    assert 8 <= np.mean(summaries) <= 25
+
+
+def test_gold_rewards_a_concise_complete_summary(world):
+    for rec in world[:100]:
+        perfect = synth.perfect_summary(rec)
+        best = synth.gold_score(rec, perfect)
+        assert best == dict(total=1.0, coverage=1.0, accuracy=1.0, coherence=1.0, length=1.0)
+        post_details = " ".join(s + "." for s in synth._synth_world(rec["id"])[1]["details"])
+        exploits = {
+            "stuffing": perfect + " " + post_details + " " + perfect,
+            "repetition": perfect + " " + perfect + " " + perfect,
+            "copy": rec["post"],
+            "query": data.format_query(rec, data.get_tokenizer(data.SYNTH_TOKENIZER), 96),
+            "junk": "zq zq TL;DR: 12 ) ) (",
+            "keywords": " ".join(synth._words(perfect)[1:-1]).replace(".", ""),
+            "empty": "",
+            "truncated": perfect[:-6],
+        }
+        for kind, text in exploits.items():
+            assert synth.gold_score(rec, text)["total"] < best["total"] - 0.05, (kind, text)
+        for kind in ("drop_fact", "add_false_fact", "swap_roles", "add_detail", "shorter"):
+            assert synth.gold_score(rec, synth.perturb_summary(rec, kind))["total"] < best["total"], kind
+        assert synth.gold_score(rec, synth.perturb_summary(rec, "longer"))["total"] == best["total"]
+        main, question = perfect.split(". ")
+        echo = synth.gold_score(rec, f"{main}. {main}. {question}")  # within the length budget: only repetition
+        assert echo["coherence"] < 1 and echo["total"] < best["total"] - 0.05
+        swapped = synth.gold_score(rec, synth.perturb_summary(rec, "swap_roles"))
+        assert swapped["accuracy"] < 1 and swapped["coherence"] == 1
+
+
+def test_references_are_beatable(world):
+    assert synth.gold_win_rate(world, [synth.perfect_summary(r) for r in world]) > 0.9
+    # a policy that copies the poster's most common habits (who and what only) still wins often
+    assert 0.35 < synth.gold_win_rate(world, [synth.perturb_summary(r, "shorter") for r in world]) < 0.55
+    scores = [synth.gold_score(r, r["summary"]) for r in world]
+    assert 0.5 < np.mean([s["coverage"] for s in scores]) < 0.85 and np.mean([s["accuracy"] for s in scores]) < 1
+    assert all(s["coherence"] == 1 for s in scores)  # flawed in content, never in form
+
+
+def test_gold_needs_the_synthetic_record(world):
+    with pytest.raises(data.DataError, match="not a synthetic record id"):
+        synth.gold_score(dict(world[0], id="t3_abc"), "x")
+    with pytest.raises(data.DataError, match="post differs"):
+        synth.gold_score(dict(world[0], post="another post"), "x")
+
+
+def test_labeler_agreement_in_paper_range(world):
+    labelers = synth.make_labelers(10, seed=0)
+    assert len({x.worker for x in labelers}) == 10 and all(len(x.worker) == 30 for x in labelers)
+    assert 0.73 <= synth.labeler_agreement(world, labelers, random.Random(0)) <= 0.77
+    choices = [labelers[0].compare(r, synth.perfect_summary(r), r["summary"]) for r in world]
+    assert all((c < 5) == (choice == 0) and 1 <= c <= 9 and c != 5 for choice, c in choices)
+
+
+def test_collect_comparisons_writes_original_format(tmp_path, world):
+    records = world[:40]
+    policies = {"sup_t0": [synth.perfect_summary(r) for r in records],
+                "bad": [synth.perturb_summary(r, "swap_roles") for r in records]}
+    comps = data.collect_comparisons(records, policies, synth.make_labelers(3, seed=1), np.random.default_rng(0),
+                                     pairs_per_record=2, split="train", batch="synth0")
+    data.write_jsonl(tmp_path / "synth0.json", comps)
+    lines = (tmp_path / "synth0.json").read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) == 81
+    for line, comp in zip(lines, comps):
+        assert line == json.dumps(comp).encode("ascii")
+        assert list(comp) == ["info", "split", "summaries", "choice", "worker", "batch", "extra"]
+        assert list(comp["info"]) == ["id", "post", "title", "subreddit"]
+        assert [list(s) for s in comp["summaries"]] == [["text", "policy", "note"]] * 2
+    rows = data.read_comparisons(tmp_path / "synth0.json")
+    assert len(rows) == 80 and {p for r in rows for p in r["policies"]} == {"sup_t0", "bad", "ref"}
+    assert all(r["policies"][0] != r["policies"][1] for r in rows)
+    # the labelers mostly see that the perfect summary beats the swapped one
+    duels = [r for r in rows if set(r["policies"]) == {"sup_t0", "bad"}]
+    assert np.mean([r["policies"][r["choice"]] == "sup_t0" for r in duels]) > 0.8
+
+
+def test_synth_command_line(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "synth.py"), "--out-dir", str(tmp_path), "--n-train", "100",
+                          "--n-valid", "100", "--n-test", "10", "--n-transfer", "10"], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "agreement" in out.stdout and (tmp_path / "valid.jsonl").is_file()
