@@ -30,6 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The logit of a padded vocabulary row: exp(-1e4) is exactly 0 in every float type, yet the value stays finite under
+# a temperature and in bf16, so p * log p is 0 (not NaN) in an entropy.
+MASKED_LOGIT = -1e4
+
 # GPT-2's four sizes (Radford et al. 2019); everything else is shared: 1024 positions, the 50257-token BPE.
 PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -53,7 +57,7 @@ class GPTConfig:
     @property
     def padded_vocab_size(self):
         # Rounded up to a multiple of 64 for fast matmuls (50257 -> 50304), always leaving at least one spare row:
-        # row `vocab_size` is the PAD embedding. Padded rows are never predicted: forward() cuts them off.
+        # row `vocab_size` is the PAD embedding. Padded rows are never predicted: forward() masks their logits.
         return (self.vocab_size + 1 + 63) // 64 * 64
 
 
@@ -161,6 +165,12 @@ class GPT(nn.Module):
         if cfg.head == "lm":
             self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
             self.lm_head.weight = self.transformer.wte.weight  # tied input and output embeddings, as in GPT-2
+            # The padded vocabulary rows are masked, not cut: a bias of MASKED_LOGIT on their logits, added inside the
+            # head's matmul. Cutting (a slice) would make every later softmax and its backward run on a strided copy
+            # - a third of a small model's training step on a CPU - and the padded width keeps the matmul fast on GPUs.
+            logit_bias = torch.zeros(cfg.padded_vocab_size)
+            logit_bias[cfg.vocab_size:] = MASKED_LOGIT
+            self.register_buffer("logit_bias", logit_bias, persistent=False)
         else:
             self.score = nn.Linear(cfg.n_embd, 1)
         self.apply(self._init_weights)
@@ -192,9 +202,9 @@ class GPT(nn.Module):
 
     def forward(self, idx, attention_mask=None, cache=None, head_from=0):
         """idx: (B, T) token ids; attention_mask: (B, T), 1 for real tokens, 0 for padding (left padding of a
-        query, or right padding after a response's EOS). Returns (B, T - head_from, vocab_size) logits for the LM
-        head - the padded vocabulary rows are cut, so they are never predicted - or (B, T - head_from) values for
-        the scalar head. head_from skips the head on positions nobody reads (the prompt, in PPO and sampling).
+        query, or right padding after a response's EOS). Returns (B, T - head_from, padded_vocab_size) logits for
+        the LM head - the padded vocabulary rows are included but masked to MASKED_LOGIT, so they get probability
+        exactly 0 and are never sampled - or (B, T - head_from) values for the scalar head. head_from skips the head on positions nobody reads (the prompt, in PPO and sampling).
 
         Each row's positions count from its first real token, so a left-padded row computes exactly what the same
         row computes unpadded; padded keys are masked. With a cache, idx holds the new tokens only."""
@@ -226,7 +236,7 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x[:, head_from:])
         if self.config.head == "scalar":
             return self.score(x).squeeze(-1)
-        return self.lm_head(x)[..., :self.config.vocab_size]
+        return F.linear(x, self.lm_head.weight, self.logit_bias)
 
     # ----------------------------------------------------------------------------------------------------------------
     # what the stages compute with the model
