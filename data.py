@@ -29,15 +29,20 @@ from pathlib import Path
 
 import numpy as np
 import tiktoken
+import torch
 from tqdm import tqdm
+
+from model import sample_responses
 
 SYNTH_TOKENIZER = "synth-words-v1"
 # Per-task defaults, read by every stage. Query and response lengths are in tokens of the task's tokenizer; the
 # response length includes the EOS token. tldr: the paper's 512-token query and 48-token summaries (Section 3.2).
+# rm_response_len is the room for a compared summary: a sample that ran to the length limit without EOS, plus the
+# EOS the reward model reads its score at, is longer than response_len (the official tldr_rm_task reads 128).
 TASKS = {
-    "tldr": dict(tokenizer="gpt2", query_len=512, response_len=48, data_dir="data/tldr",
+    "tldr": dict(tokenizer="gpt2", query_len=512, response_len=48, rm_response_len=128, data_dir="data/tldr",
                  files=dict(train="train.jsonl", valid="valid.jsonl", test="test.jsonl", transfer="cnndm_test.jsonl")),
-    "synth": dict(tokenizer=SYNTH_TOKENIZER, query_len=96, response_len=32, data_dir="data/synth",
+    "synth": dict(tokenizer=SYNTH_TOKENIZER, query_len=96, response_len=32, rm_response_len=48, data_dir="data/synth",
                   files=dict(train="train.jsonl", valid="valid.jsonl", test="test.jsonl", transfer="transfer.jsonl")),
 }
 # Query templates of the official code (FORMATS.md section 5). `cnndm` is `tldr_zero_shot_cnndm_task`: a TL;DR policy
@@ -430,21 +435,25 @@ def write_jsonl(path, objs):
     write_atomic(path, "".join(json.dumps(o) + "\n" for o in objs))
 
 
-def collect_comparisons(records, summaries_by_policy, labelers, rng, include_ref=True, pairs_per_record=1,
-                        split="train", batch="synth0"):
-    """The paper's step 1 (Section 3.1): for each record, pair two summaries of different policies (the reference
-    counts as policy "ref"), show them in random order to a random labeler, and record the choice. Returns comparison
-    dicts in the original format and key order; write them with `write_jsonl`. `rng` is a numpy Generator. A
-    labeler is any object with `.worker` and `.compare(record, text0, text1) -> (choice, confidence)`: a
-    synth.Labeler, or a person behind an interface."""
+def collect_comparisons(records, candidates, labelers, rng, ref_fraction=0.25, pairs_per_record=1, split="train",
+                        batch="synth0"):
+    """The paper's step 1 (Section 3.1): pairs of summaries of the same post, shown in random order to a random
+    labeler, the choice recorded. candidates[i] lists (policy, text) summaries of records[i] - several samples of one
+    policy are fine, as the paper mostly compared samples of its current policies with each other (Section 3.1, C.1).
+    With probability ref_fraction one side of a pair is the reference (policy "ref") instead. Returns comparison dicts
+    in the original format and key order; write them with `write_jsonl`. `rng` is a numpy Generator. A labeler is any
+    object with `.worker` and `.compare(record, text0, text1) -> (choice, confidence)`: a synth.Labeler, or a person
+    behind an interface."""
     out = []
-    for i, rec in enumerate(records):
-        cands = [(policy, texts[i]) for policy, texts in summaries_by_policy.items()]
-        cands += [("ref", rec["summary"])] if include_ref else []
-        if len(cands) < 2:
-            raise ValueError("need at least two policies to compare (or include_ref=True)")
+    for rec, cands in zip(records, candidates):
+        cands = list({text: (policy, text) for policy, text in cands}.values())  # two equal samples say nothing
         for _ in range(pairs_per_record):
-            (p0, t0), (p1, t1) = [cands[j] for j in rng.choice(len(cands), size=2, replace=False)]
+            if len(cands) < 2 or rng.random() < ref_fraction:
+                pair = [cands[int(rng.integers(len(cands)))], ("ref", rec["summary"])]
+                pair = pair[::-1] if rng.random() < 0.5 else pair
+            else:
+                pair = [cands[j] for j in rng.choice(len(cands), size=2, replace=False)]
+            (p0, t0), (p1, t1) = pair
             labeler = labelers[int(rng.integers(len(labelers)))]
             t0, t1 = as_response(t0), as_response(t1)
             choice, confidence = labeler.compare(rec, t0, t1)
@@ -453,6 +462,34 @@ def collect_comparisons(records, summaries_by_policy, labelers, rng, include_ref
                                                     dict(text=t1, policy=p1, note=None)],
                             choice=choice, worker=labeler.worker, batch=batch, extra=dict(confidence=confidence)))
     return out
+
+
+def batch_indices(n, batch_size, step, seed):
+    """The examples of optimizer step `step`: epoch e reads a permutation seeded by (seed, e), so the order is a
+    function of the step alone and a resumed run reads exactly what an uninterrupted one would."""
+    epoch, k = divmod(step, n // batch_size)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def tensors(arrays, rows, keys, device):
+    """The given rows of prepared arrays as int64 tensors on a device, one per key."""
+    return tuple(torch.as_tensor(arrays[k][rows], device=device).long() for k in keys)
+
+
+def encode_queries(records, enc, max_query_tokens, template=None):
+    """(N, max_query_tokens) int32 left-padded queries of records, uncached (for sampling, not training)."""
+    return _pad(_encode_queries(records, enc, max_query_tokens, template), max_query_tokens, pad_id(enc), left=True)
+
+
+def summarize(policy, records, enc, task, temperature=0.0, batch_size=64, device="cpu", dtype=None, generator=None,
+              desc=None):
+    """The summaries a policy (a GPT with the LM head) writes for records: their queries, sampled at temperature
+    (0 = argmax) up to the task's response length, decoded up to EOS."""
+    queries = encode_queries(records, enc, TASKS[task]["query_len"])
+    tokens = sample_responses(policy, queries, TASKS[task]["response_len"], temperature, enc.eot_token, pad_id(enc),
+                              batch_size, device, dtype, generator, desc)
+    return decode_responses(enc, tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -204,7 +204,8 @@ class GPT(nn.Module):
         """idx: (B, T) token ids; attention_mask: (B, T), 1 for real tokens, 0 for padding (left padding of a
         query, or right padding after a response's EOS). Returns (B, T - head_from, padded_vocab_size) logits for
         the LM head - the padded vocabulary rows are included but masked to MASKED_LOGIT, so they get probability
-        exactly 0 and are never sampled - or (B, T - head_from) values for the scalar head. head_from skips the head on positions nobody reads (the prompt, in PPO and sampling).
+        exactly 0 and are never sampled - or (B, T - head_from) values for the scalar head. head_from skips the head
+        on positions nobody reads (the prompt, in PPO and sampling).
 
         Each row's positions count from its first real token, so a left-padded row computes exactly what the same
         row computes unpadded; padded keys are masked. With a cache, idx holds the new tokens only."""
@@ -558,9 +559,9 @@ def pick_dtype(device, name="auto"):
 
 def autocast(device, dtype):
     """Mixed precision as one visible context: weights stay fp32, matmuls run in dtype; fp32 means no autocast."""
-    if dtype == torch.float32:
+    if dtype in (None, torch.float32):
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def configure_optimizers(model, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, device_type="cpu", verbose=True):
@@ -573,6 +574,15 @@ def configure_optimizers(model, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e
               f"{len(no_decay)} without ({sum(p.numel() for p in no_decay):,})")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device_type == "cuda")
+
+
+def cosine_lr(step, total, peak, warmup=0.0):
+    """The paper's schedule for SFT and the reward model: linear warm-up over a fraction of the steps, then cosine
+    decay to 0."""
+    warm = int(warmup * total)
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -18,12 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import data
-from model import (GPT, PRESETS, CheckpointError, GPTConfig, autocast, configure_optimizers, load_checkpoint,
+from model import (GPT, CheckpointError, GPTConfig, autocast, configure_optimizers, cosine_lr, load_checkpoint,
                    model_from_checkpoint, paper_lr, pick_device, pick_dtype, sample_responses, save_checkpoint,
                    trim_padding)
 
@@ -32,7 +31,7 @@ from model import (GPT, PRESETS, CheckpointError, GPTConfig, autocast, configure
 DEFAULTS = {
     "tldr": dict(model="gpt2", batch_size=128, micro_batch_size=8, lr=None, warmup=0.0, epochs=1.0, eval_every=100,
                  save_every=200, val_size=1024, sample_n=256),
-    "synth": dict(model="scratch", batch_size=64, micro_batch_size=64, lr=2e-3, warmup=0.05, epochs=1.0,
+    "synth": dict(model="scratch", batch_size=64, micro_batch_size=None, lr=2e-3, warmup=0.05, epochs=2.0,
                   eval_every=50, save_every=50, val_size=512, sample_n=500),
 }
 
@@ -61,7 +60,8 @@ def parse_args(argv=None):
                    "5.9e-5 for 1.5B); synth: 2e-3")
     p.add_argument("--warmup", type=float, help="fraction of the steps with a linear warm-up (tldr 0, synth 0.05); "
                    "then cosine decay to 0")
-    p.add_argument("--epochs", type=float, help="passes over the training posts (the paper: 1)")
+    p.add_argument("--epochs", type=float, help="passes over the training posts (tldr: 1, the paper's; synth: 2, "
+                   "which a from-scratch model needs to copy numbers reliably)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on 2-D weights")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     p.add_argument("--loss-on", choices=["summary", "all"], default="summary", help="summary: loss on the summary "
@@ -87,6 +87,7 @@ def parse_args(argv=None):
             setattr(args, key, value)
     args.out_dir = args.out_dir or f"out/{args.task}"
     args.data_dir = args.data_dir or data.TASKS[args.task]["data_dir"]
+    args.micro_batch_size = args.micro_batch_size or args.batch_size  # synth: the whole batch in one pass
     if args.batch_size % args.micro_batch_size:
         p.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")
     return args
@@ -130,29 +131,12 @@ def validation_loss(model, val, args, pad, device, dtype):
     model.eval()
     total, count = 0.0, 0.0
     for i in range(0, len(val["query"]), args.micro_batch_size):
-        q, r = (torch.as_tensor(val[k][i:i + args.micro_batch_size], device=device).long() for k in ("query", "response"))
+        q, r = data.tensors(val, slice(i, i + args.micro_batch_size), ("query", "response"), device)
         with autocast(device, dtype):
             loss, n = sft_loss(model, q, r, pad, "summary")
         total, count = total + loss.item(), count + n.item()
     model.train()
     return total / count
-
-
-def lr_at(step, total, args):
-    """Linear warm-up, then cosine decay to 0 (the paper's schedule)."""
-    warm = int(args.warmup * total)
-    if step < warm:
-        return args.lr * (step + 1) / warm
-    return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-
-def batch_indices(n, batch_size, step, seed):
-    """The examples of an optimizer step: epoch e reads a permutation seeded by (seed, e), so the order is a function
-    of the step alone and a resumed run reads exactly what an uninterrupted one would."""
-    per_epoch = n // batch_size
-    epoch, k = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[k * batch_size:(k + 1) * batch_size]
 
 
 def main(argv=None):
@@ -182,7 +166,7 @@ def main(argv=None):
     accum = args.batch_size // args.micro_batch_size
 
     # model and optimizer
-    model = build_model(args, enc, Lq + Lr).to(device)
+    model = build_model(args, enc, Lq + task["rm_response_len"]).to(device)  # room for the RM's longer responses
     if Lq + Lr > model.config.block_size:
         raise ValueError(f"queries of {Lq} + responses of {Lr} tokens exceed the model's {model.config.block_size}")
     model.config.dropout = 0.0  # the paper's models train without dropout; none of ours carries any
@@ -215,10 +199,10 @@ def main(argv=None):
     model.train()
     while step < total_steps:
         t0 = time.time()
-        lr = lr_at(step, total_steps, args)
+        lr = cosine_lr(step, total_steps, args.lr, args.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx = batch_indices(n_train, args.batch_size, step, args.seed)
+        idx = data.batch_indices(n_train, args.batch_size, step, args.seed)
         # The batch's target count, so micro-batch losses add up to the exact mean. Query and response are one
         # contiguous run of real tokens per row: with --loss-on all every real token but the first is a target.
         n_target = float((train["response"][idx] != pad).sum())
@@ -227,7 +211,7 @@ def main(argv=None):
         loss_sum, tokens = 0.0, 0
         for m in range(accum):
             part = idx[m * args.micro_batch_size:(m + 1) * args.micro_batch_size]
-            q, r = (torch.as_tensor(train[k][part], device=device).long() for k in ("query", "response"))
+            q, r = data.tensors(train, part, ("query", "response"), device)
             with autocast(device, dtype):
                 loss, n = sft_loss(forward, q, r, pad, args.loss_on)
             (loss / n_target).backward()

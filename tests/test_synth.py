@@ -124,10 +124,10 @@ def test_labeler_agreement_in_paper_range(world):
 
 def test_collect_comparisons_writes_original_format(tmp_path, world):
     records = world[:40]
-    policies = {"sup_t0": [synth.perfect_summary(r) for r in records],
-                "bad": [synth.perturb_summary(r, "swap_roles") for r in records]}
-    comps = data.collect_comparisons(records, policies, synth.make_labelers(3, seed=1), np.random.default_rng(0),
-                                     pairs_per_record=2, split="train", batch="synth0")
+    candidates = [[("sup_t0", synth.perfect_summary(r)), ("bad", synth.perturb_summary(r, "swap_roles"))]
+                  for r in records]
+    comps = data.collect_comparisons(records, candidates, synth.make_labelers(3, seed=1), np.random.default_rng(0),
+                                     ref_fraction=0.5, pairs_per_record=2, split="train", batch="synth0")
     data.write_jsonl(tmp_path / "synth0.json", comps)
     lines = (tmp_path / "synth0.json").read_bytes().split(b"\n")
     assert lines[-1] == b"" and len(lines) == 81
@@ -140,6 +140,9 @@ def test_collect_comparisons_writes_original_format(tmp_path, world):
     assert len(rows) == 80 and {p for r in rows for p in r["policies"]} == {"sup_t0", "bad", "ref"}
     assert all(r["policies"][0] != r["policies"][1] for r in rows)
     # the labelers mostly see that the perfect summary beats the swapped one
+    with_ref = np.mean(["ref" in r["policies"] for r in rows])
+    assert 0.35 < with_ref < 0.65  # ref_fraction 0.5
+    assert np.mean([r["policies"][0] == "ref" for r in rows if "ref" in r["policies"]]) not in (0.0, 1.0)  # both sides
     duels = [r for r in rows if set(r["policies"]) == {"sup_t0", "bad"}]
     assert np.mean([r["policies"][r["choice"]] == "sup_t0" for r in duels]) > 0.8
 

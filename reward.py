@@ -1,0 +1,341 @@
+"""
+Stage 2: a reward model trained on comparisons (the paper's section 3.4).
+
+The SFT model with a scalar head in place of the LM head learns to predict which of two summaries a labeler
+preferred: loss -log sigmoid(r(x, y_preferred) - r(x, y_other)), the reward read at the summary's EOS token. After
+one epoch a bias makes the reference summaries of the training posts score 0 on average; PPO's value network starts
+from this model, bias included.
+
+    python reward.py --task synth    # collects comparisons of SFT samples with the simulated labelers, then trains
+    python reward.py --task tldr     # OpenAI's human comparisons: train split; valid1/valid2 and CNN/DM reported
+
+Writes <out>/reward.pt, <out>/reward.json (accuracy overall, per split, batch, confidence, TL;DR and CNN/DM apart,
+each with its standard error) and <out>/reward.log.jsonl; for synth also <out>/comparisons/synth_{train,valid}.json.
+"""
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import synth
+from model import (CheckpointError, autocast, configure_optimizers, cosine_lr, load_checkpoint, model_from_checkpoint,
+                   paper_lr, pick_device, pick_dtype, save_checkpoint, trim_padding)
+
+DEFAULTS = {
+    "tldr": dict(batch_size=64, micro_batch_size=8, lr=None, warmup=0.0, eval_every=200, save_every=200,
+                 norm_n=4096, val_size=2048),
+    "synth": dict(batch_size=64, micro_batch_size=None, lr=1.5e-3, warmup=0.05, eval_every=25, save_every=50,
+                  norm_n=2000, val_size=512),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # task and files
+    p.add_argument("--task", choices=["tldr", "synth"], default="synth", help="the paper's Reddit TL;DR or the "
+                   "offline synthetic TL;DR")
+    p.add_argument("--data-dir", help="the task's data (default: data/tldr or data/synth)")
+    p.add_argument("--out-dir", help="where reward.pt and its logs go (default: out/<task>)")
+    p.add_argument("--sft", help="the SFT checkpoint the reward model starts from (default: <out>/sft.pt)")
+    p.add_argument("--comparisons", nargs="+", help="comparison files (default tldr: <data>/comparisons/*.json; "
+                   "synth: <out>/comparisons/synth_*.json, collected first when missing)")
+    p.add_argument("--cache-dir", default="data_cache", help="tokenized arrays, reused when the data is unchanged")
+    # synthetic collection (the paper's step 1, with simulated labelers)
+    p.add_argument("--collect", action="store_true", help="synth: collect new comparisons even if files exist")
+    p.add_argument("--train-posts", type=int, default=8000, help="synth: training posts, one comparison each")
+    p.add_argument("--valid-posts", type=int, default=1000, help="synth: held-out validation posts, one each")
+    p.add_argument("--samples", type=int, default=2, help="synth: SFT samples per post to pair with each other")
+    p.add_argument("--temperature", type=float, default=1.0, help="synth: sampling temperature of those samples "
+                   "(variety: at 0 both samples would be the same)")
+    p.add_argument("--ref-fraction", type=float, default=0.25, help="synth: fraction of pairs with the reference")
+    p.add_argument("--labelers", type=int, default=10, help="synth: simulated labelers")
+    # optimization
+    p.add_argument("--batch-size", type=int, help="comparisons per optimizer step (the paper: 64)")
+    p.add_argument("--micro-batch-size", type=int, help="comparisons per forward/backward (lower it to fit memory)")
+    p.add_argument("--lr", type=float, help="peak learning rate. tldr default: the paper's RM rates (1.5e-5 at "
+                   "1.3B, 5e-6 at 6.7B) extrapolated by their power law to the model size (7.2e-5 for 124M, 1.4e-5 "
+                   "for 1.5B); synth: 1.5e-3")
+    p.add_argument("--warmup", type=float, help="fraction of steps with linear warm-up, then cosine decay to 0")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the comparisons (the paper: 1; more "
+                   "overfits)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on 2-D weights")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    # evaluation, normalization and logging
+    p.add_argument("--eval-every", type=int, help="steps between held-out accuracies on --val-size comparisons")
+    p.add_argument("--val-size", type=int, help="held-out comparisons for the accuracy logged during training")
+    p.add_argument("--norm-n", type=int, help="training posts whose reference summaries set the bias (mean 0)")
+    p.add_argument("--save-every", type=int, help="steps between resumable checkpoints (<out>/reward.resume.pt)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>/reward.resume.pt")
+    p.add_argument("--stop-after", type=int, help="stop after this many steps as if killed, leaving the resumable "
+                   "checkpoint")
+    # system
+    p.add_argument("--seed", type=int, default=0, help="seed for the head's initialization, data order, collection")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast dtype: auto = bf16 on GPUs that support it, fp32 otherwise")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    args = p.parse_args(argv)
+    for key, value in DEFAULTS[args.task].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.out_dir = args.out_dir or f"out/{args.task}"
+    args.data_dir = args.data_dir or data.TASKS[args.task]["data_dir"]
+    args.sft = args.sft or str(Path(args.out_dir) / "sft.pt")
+    args.micro_batch_size = args.micro_batch_size or args.batch_size  # synth: the whole batch in one pass
+    if args.batch_size % args.micro_batch_size:
+        p.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")
+    return args
+
+
+def pair_rewards(rm, query, response0, response1, pad):
+    """Rewards (B,), (B,) of two responses to the same (B, Lq) queries, in one forward over the stacked pairs. Each
+    is read at the response's EOS, the last real token (model.GPT.reward)."""
+    tokens = torch.cat([torch.cat([query, response0], 1), torch.cat([query, response1], 1)])
+    tokens, _ = trim_padding(tokens, pad)
+    r = rm.reward(tokens, (tokens != pad).long())
+    return r.chunk(2)
+
+
+def preference_loss(r0, r1, choice):
+    """-log sigmoid(r_preferred - r_other), averaged, and the accuracy (the preferred one scored higher)."""
+    margin = torch.where(choice == 0, r0 - r1, r1 - r0)
+    return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
+
+
+@torch.no_grad()
+def all_rewards(rm, arrays, rows, args, pad, device, dtype):
+    """Rewards of both responses of the given comparison rows: (N,), (N,) numpy."""
+    out0, out1 = [], []
+    for i in range(0, len(rows), args.micro_batch_size):
+        part = rows[i:i + args.micro_batch_size]
+        q, a, b = data.tensors(arrays, part, ("query", "response0", "response1"), device)
+        with autocast(device, dtype):
+            r0, r1 = pair_rewards(rm, q, a, b, pad)
+        out0.append(r0.float().cpu())
+        out1.append(r1.float().cpu())
+    return torch.cat(out0).numpy(), torch.cat(out1).numpy()
+
+
+@torch.no_grad()
+def reference_rewards(rm, records, enc, args, device, dtype):
+    """Rewards of the reference summaries of records (the normalization target)."""
+    task = data.TASKS[args.task]
+    arrays = data.prepare_sft(records, enc, task["query_len"], task["response_len"], args.cache_dir)
+    pad, out = data.pad_id(enc), []
+    for i in range(0, len(arrays["query"]), args.micro_batch_size):
+        q, r = data.tensors(arrays, slice(i, i + args.micro_batch_size), ("query", "response"), device)
+        tokens, _ = trim_padding(torch.cat([q, r], 1), pad)
+        with autocast(device, dtype):
+            out.append(rm.reward(tokens, (tokens != pad).long()).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def accuracy_report(correct, arrays, rows, task):
+    """Accuracy with its standard error, overall and per group: the task's posts (tldr or synth) and CNN/DM articles
+    apart, then per split, batch and labeler confidence within each."""
+    def acc(mask):
+        p, n = float(correct[mask].mean()), int(mask.sum())
+        return dict(accuracy=p, stderr=math.sqrt(p * (1 - p) / n), n=n)
+
+    report = {}
+    cnndm = arrays["is_cnndm"][rows]
+    for name, part in ((task, ~cnndm), ("cnndm", cnndm)):
+        if not part.any():
+            continue
+        report[name] = dict(overall=acc(part))
+        for field in ("split", "batch", "confidence"):
+            values = arrays[field][rows]
+            groups = {str(v): acc(part & (values == v)) for v in sorted(set(values[part].tolist()))}
+            report[name][f"per_{field}"] = groups
+    return report
+
+
+def load_comparisons(args, enc, sft_model, device, dtype):
+    """The comparison rows for this task: read from files, or (synth) collected first with the simulated labelers."""
+    if args.comparisons:
+        files = [Path(f) for f in args.comparisons]
+    elif args.task == "tldr":
+        files = sorted((Path(args.data_dir) / "comparisons").glob("*.json"))
+        if not files:
+            raise data.DataError(f"no comparison files in {Path(args.data_dir) / 'comparisons'}; run "
+                                 "`python data.py download` (or pass --comparisons)")
+    else:
+        folder = Path(args.out_dir) / "comparisons"
+        files = [folder / "synth_train.json", folder / "synth_valid.json"]
+        if args.collect or not all(f.exists() for f in files):
+            collect_synth(args, enc, sft_model, files, device, dtype)
+    records = data.read_comparisons(files)
+    synthetic = [str(r["id"]).startswith(synth.WORLD + "_") for r in records]
+    if args.task == "synth" and not all(synthetic):
+        raise data.DataError(f"{files}: comparisons of Reddit posts, but --task synth")
+    if args.task == "tldr" and any(synthetic):
+        raise data.DataError(f"{files}: comparisons of the synthetic task, but --task tldr")
+    return records
+
+
+def collect_synth(args, enc, sft_model, files, device, dtype):
+    labelers = synth.make_labelers(args.labelers, seed=args.seed)
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    t0 = time.time()
+    for path, split, n, name in ((files[0], "train", args.train_posts, "train"),
+                                 (files[1], "valid", args.valid_posts, "valid2")):
+        posts = data.load_split("synth", split, args.data_dir)[:n]
+        comps = synth.collect(sft_model, posts, enc, labelers, rng, policy_name=f"sft_t{args.temperature:g}",
+                              samples=args.samples, temperature=args.temperature, ref_fraction=args.ref_fraction,
+                              split="train" if split == "train" else name, batch=f"synth_{split}",
+                              batch_size=256, device=device, dtype=dtype, generator=gen)
+        data.write_jsonl(path, comps)
+    print(f"reward: collected {args.train_posts:,} training and {args.valid_posts:,} held-out comparisons of SFT "
+          f"samples (T={args.temperature:g}, {args.ref_fraction:.0%} with the reference) in {time.time() - t0:.0f}s")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    dtype = pick_dtype(device, args.dtype)
+    task = data.TASKS[args.task]
+    enc = data.get_tokenizer(task["tokenizer"])
+    pad = data.pad_id(enc)
+
+    # the SFT model: the reward model's starting point and, for synth, the policy whose samples are compared
+    sft_ckpt = load_checkpoint(args.sft, stage="sft")
+    if sft_ckpt["task"] != args.task or sft_ckpt["tokenizer"] != enc.name:
+        raise CheckpointError(f"{args.sft}: an SFT model of task {sft_ckpt['task']} with tokenizer "
+                              f"{sft_ckpt['tokenizer']}, but --task {args.task} uses {enc.name}")
+
+    # data
+    records = load_comparisons(args, enc, model_from_checkpoint(sft_ckpt).to(device).eval(), device, dtype)
+    arrays = data.prepare_comparisons(records, enc, task["query_len"], task["rm_response_len"], args.cache_dir)
+    split = arrays["split"]
+    train_rows = np.flatnonzero((split == "train") & ~arrays["is_cnndm"])
+    eval_rows = np.flatnonzero(split != "train")  # valid1, valid2; TL;DR and CNN/DM (never trained on)
+    val_rows = eval_rows[~arrays["is_cnndm"][eval_rows]][:args.val_size]
+    if len(train_rows) < args.batch_size or not len(eval_rows):
+        raise data.DataError(f"{len(train_rows)} training and {len(eval_rows)} held-out comparisons: too few")
+    total_steps = int(args.epochs * len(train_rows)) // args.batch_size
+    accum = args.batch_size // args.micro_batch_size
+
+    # model: the SFT trunk with a fresh scalar head, N(0, 1/(d+1)) (initialized in GPT under the seed above)
+    rm = model_from_checkpoint(sft_ckpt, head="scalar").to(device)
+    args.lr = args.lr or paper_lr("reward", rm.num_params())
+    optimizer = configure_optimizers(rm, args.lr, args.weight_decay, device_type=device.type)
+    step, log_mode = 0, "w"
+    resume_path = out / "reward.resume.pt"
+    if args.resume:
+        state = load_checkpoint(resume_path, stage="reward")
+        rm.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        step, log_mode = state["step"], "a"
+        print(f"reward: resumed at step {step}/{total_steps} from {resume_path}")
+    forward = torch.compile(rm) if args.compile else rm
+    print(f"reward: {args.task}, {rm.num_params():,} parameters, {len(train_rows):,} training comparisons, "
+          f"{len(eval_rows):,} held out, {total_steps} steps of {args.batch_size} ({accum} x "
+          f"{args.micro_batch_size}), lr {args.lr:.2e}, {device} {dtype}")
+
+    def held_out_accuracy(rows):
+        rm.eval()
+        r0, r1 = all_rewards(forward, arrays, rows, args, pad, device, dtype)
+        rm.train()
+        return float(((r1 > r0) == (arrays["choice"][rows] == 1)).mean())
+
+    # training loop: one epoch over the training comparisons
+    log = open(out / "reward.log.jsonl", log_mode)
+    t_start = time.time()
+    rm.train()
+    while step < total_steps:
+        t0 = time.time()
+        lr = cosine_lr(step, total_steps, args.lr, args.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = train_rows[data.batch_indices(len(train_rows), args.batch_size, step, args.seed)]
+        loss_sum, acc_sum = 0.0, 0.0
+        for m in range(accum):
+            part = idx[m * args.micro_batch_size:(m + 1) * args.micro_batch_size]
+            q, a, b = data.tensors(arrays, part, ("query", "response0", "response1"), device)
+            choice = torch.as_tensor(arrays["choice"][part], device=device)
+            with autocast(device, dtype):
+                r0, r1 = pair_rewards(forward, q, a, b, pad)
+            loss, acc = preference_loss(r0.float(), r1.float(), choice)
+            (loss / accum).backward()
+            loss_sum, acc_sum = loss_sum + loss.item() / accum, acc_sum + acc.item() / accum
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(rm.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        row = dict(step=step, loss=loss_sum, accuracy=acc_sum, lr=lr, pairs_per_s=len(idx) / (time.time() - t0),
+                   elapsed=time.time() - t_start)
+        if step % args.eval_every == 0 or step == total_steps:
+            row["val_accuracy"] = held_out_accuracy(val_rows)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        print(f"step {step}/{total_steps} | loss {loss_sum:.4f} | acc {acc_sum:.3f} | lr {lr:.2e} | "
+              f"{row['pairs_per_s']:.0f} pairs/s | {row['elapsed']:.1f}s"
+              + (f" | val acc {row['val_accuracy']:.3f}" if "val_accuracy" in row else ""))
+        if step % args.save_every == 0 or step == args.stop_after:
+            save_checkpoint(resume_path, rm, stage="reward", task=args.task, tokenizer=enc.name, args=args, step=step,
+                            optimizer=optimizer.state_dict(), rng=torch.get_rng_state())
+        if step == args.stop_after and step < total_steps:
+            print(f"reward: stopped after step {step} (--stop-after); continue with --resume")
+            return
+    log.close()
+
+    # normalization (section 3.4): the bias that gives the references of training posts a mean reward of 0
+    rm.eval()
+    norm_records = data.load_split(args.task, "train", args.data_dir)[:args.norm_n]
+    before = reference_rewards(forward, norm_records, enc, args, device, dtype)
+    with torch.no_grad():
+        rm.score.bias -= float(before.mean())
+    after = reference_rewards(forward, norm_records, enc, args, device, dtype)
+
+    # evaluation on every held-out comparison
+    r0, r1 = all_rewards(forward, arrays, eval_rows, args, pad, device, dtype)
+    correct = (r1 > r0) == (arrays["choice"][eval_rows] == 1)
+    both = np.concatenate([r0, r1])
+    metrics = dict(accuracy=accuracy_report(correct, arrays, eval_rows, args.task), train_comparisons=len(train_rows),
+                   steps=step, minutes=(time.time() - t_start) / 60, norm_bias=rm.score.bias.item(),
+                   reference_reward_before=float(before.mean()), reference_reward_after=float(after.mean()),
+                   reward_mean=float(both.mean()), reward_std=float(both.std()))
+    if args.task == "synth":
+        held = [records[i] for i in arrays["index"][eval_rows]]
+        p, se = synth.second_opinion_agreement(held, synth.make_labelers(args.labelers, seed=args.seed),
+                                               random.Random(args.seed))
+        metrics.update(labeler_agreement=p, labeler_agreement_stderr=se)
+    save_checkpoint(out / "reward.pt", rm, stage="reward", task=args.task, tokenizer=enc.name, args=args, step=step,
+                    metrics=metrics, norm_bias=rm.score.bias.item())
+    (out / "reward.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    resume_path.unlink(missing_ok=True)
+
+    for name, rep in metrics["accuracy"].items():
+        o = rep["overall"]
+        print(f"reward: {name} held-out accuracy {o['accuracy']:.3f} +- {o['stderr']:.3f} (n={o['n']:,})")
+        for field in ("per_split", "per_confidence"):
+            print("  " + field.removeprefix("per_") + ": " + ", ".join(
+                f"{k} {v['accuracy']:.3f}+-{v['stderr']:.3f}" for k, v in rep[field].items()))
+    if args.task == "synth":
+        print(f"reward: simulated labelers agree with each other {metrics['labeler_agreement']:.3f} +- "
+              f"{metrics['labeler_agreement_stderr']:.3f} on the same pairs (the ceiling)")
+    print(f"reward: references score {metrics['reference_reward_before']:.3f} -> "
+          f"{metrics['reference_reward_after']:.3f} after normalization; all held-out rewards "
+          f"{metrics['reward_mean']:.3f} +- {metrics['reward_std']:.3f}")
+    print(f"reward: wrote {out / 'reward.pt'} in {metrics['minutes']:.1f} min")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, CheckpointError, FileNotFoundError, ConnectionError, ValueError) as e:
+        sys.exit(f"reward.py: error: {e}")
