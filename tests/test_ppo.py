@@ -1,0 +1,159 @@
+"""ppo.py: the RLHF math against hand-computed examples, the models' wiring, and a short synthetic run."""
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TIKTOKEN = ROOT.parent / "shared" / "tiktoken"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN.is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_TIKTOKEN)
+
+import data  # noqa: E402
+import ppo  # noqa: E402
+import reward  # noqa: E402
+import sft  # noqa: E402
+import synth  # noqa: E402
+from model import load_checkpoint  # noqa: E402
+
+# --- the math, by hand ---
+
+def test_score_lands_on_the_eos_of_a_padded_response():
+    # [t0, t1, EOS, PAD, PAD]: KL penalties on the three real tokens, the score on the EOS (index 2), nothing after
+    mask = torch.tensor([[1.0, 1, 1, 0, 0]])
+    logp = torch.tensor([[-1.0, -2.0, -0.5, -9.0, -9.0]])
+    ref_logp = torch.tensor([[-1.5, -1.0, -0.5, -1.0, -1.0]])
+    rewards, kl = ppo.shape_rewards(torch.tensor([2.0]), logp, ref_logp, mask, beta=0.1)
+    assert kl.tolist() == [[0.5, -1.0, 0.0, 0.0, 0.0]]
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1, 2.0, 0.0, 0.0]]))
+    # without EOS the whole response is real: the score lands on its last token
+    rewards, _ = ppo.shape_rewards(torch.tensor([-1.0]), torch.zeros(1, 3), torch.zeros(1, 3), torch.ones(1, 3), 0.1)
+    assert rewards.tolist() == [[0.0, 0.0, -1.0]]
+
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7, 9.0]])  # the last position is padding: its value must not leak in
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    adv, ret = ppo.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # deltas: t2 = 1 - 0.7 = 0.3; t1 = 0 + 0.7 - 0.6 = 0.1; t0 = 0 + 0.6 - 0.5 = 0.1
+    a2 = 0.3
+    a1 = 0.1 + 0.95 * a2
+    a0 = 0.1 + 0.95 * a1
+    torch.testing.assert_close(adv, torch.tensor([[a0, a1, a2, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[a0 + 0.5, a1 + 0.6, a2 + 0.7, 0.0]]))
+    # gamma 1, lambda 1: every advantage is the return-to-go minus the value
+    adv, _ = ppo.gae(rewards, values, mask, 1.0, 1.0)
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.4, 0.3, 0.0]]))
+
+
+def test_masked_whiten_uses_only_real_tokens():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7.0]])
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])
+    w = ppo.masked_whiten(x, mask)
+    real = torch.tensor([1.0, 2, 3, 4, 5])
+    torch.testing.assert_close(w[mask.bool()], (real - 3) / real.var(unbiased=False).sqrt(), atol=1e-6, rtol=1e-6)
+    assert (w[~mask.bool()] == 0).all()
+    assert ppo.masked_mean(x, mask).item() == 3.0
+
+
+def test_policy_loss_by_hand():
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
+    adv = torch.tensor([[1.0, 1.0, -2.0]])
+    mask = torch.ones(1, 3)
+    loss, clipfrac, approx_kl = ppo.policy_loss(new, old, adv, mask, clip=0.2)
+    # per token max(-A r, -A clip(r)): max(-1.5, -1.2) = -1.2; max(-0.5, -0.8) = -0.5; max(2.2, 2.2) = 2.2
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3)
+    assert clipfrac.item() == pytest.approx(2 / 3)
+    assert approx_kl.item() == pytest.approx(0.5 * float((new ** 2).mean()))
+    loss, clipfrac, approx_kl = ppo.policy_loss(old, old, adv, mask)
+    assert approx_kl.item() == 0 and clipfrac.item() == 0 and loss.item() == pytest.approx(-float(adv.mean()))
+
+
+def test_value_loss_by_hand():
+    old = torch.tensor([[0.0, 0.0]])
+    new = torch.tensor([[0.5, 0.1]])
+    ret = torch.tensor([[1.0, 1.0]])
+    loss, clipfrac = ppo.value_loss(new, old, ret, torch.ones(1, 2), clip=0.2)
+    # token 0: clipped to 0.2 -> max(0.25, 0.64) = 0.64; token 1: inside the clip -> max(0.81, 0.81) = 0.81
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2)
+    assert clipfrac.item() == pytest.approx(0.5)
+
+
+def test_adaptive_kl_controller():
+    ctl = ppo.AdaptiveKL(beta=0.1, target=6.0, horizon=10_000)
+    assert ctl.update(12.0, 1000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped at +0.2
+    ctl = ppo.AdaptiveKL(beta=0.1, target=6.0, horizon=10_000)
+    assert ctl.update(5.4, 1000) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
+    assert ppo.AdaptiveKL(0.1, 6.0).update(6.0, 512) == pytest.approx(0.1)
+
+
+# --- the pipeline ---
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """Tiny SFT and reward models on a tiny synthetic dataset."""
+    root = tmp_path_factory.mktemp("ppo")
+    synth.write_synth(root / "data", seed=0, sizes=dict(train=960, valid=64, test=8, transfer=8))
+    common = ["--task", "synth", "--data-dir", str(root / "data"), "--out-dir", str(root / "out"), "--cache-dir",
+              str(root / "cache")]
+    sft.main(common + ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "16", "--lr", "3e-3",
+                       "--epochs", "2", "--val-size", "32", "--sample-n", "8"])
+    reward.main(common + ["--train-posts", "480", "--valid-posts", "64", "--batch-size", "32", "--norm-n", "64",
+                          "--val-size", "32", "--temperature", "0.7"])
+    return root, common
+
+
+def run_ppo(stages, out, *extra):
+    root, common = stages
+    args = [a if a != str(root / "out") else str(out) for a in common]
+    ppo.main(args + ["--sft", str(root / "out" / "sft.pt"), "--reward", str(root / "out" / "reward.pt"),
+                     "--episodes", "192", "--rollout-batch-size", "32", "--minibatch-size", "16",
+                     "--micro-batch-size", "8", "--lr", "1e-4", "--eval-every", "3", "--eval-n", "16",
+                     "--save-every", "3", *extra])
+    return [json.loads(line) for line in (out / "ppo.log.jsonl").read_text().splitlines()]
+
+
+def test_value_network_is_a_separate_copy_of_the_reward_model(stages):
+    root, common = stages
+    args = ppo.parse_args(common + ["--sft", str(root / "out" / "sft.pt"), "--reward", str(root / "out" /
+                                                                                             "reward.pt")])
+    policy, ref, value, rm = ppo.build_models(args, data.get_tokenizer(data.SYNTH_TOKENIZER), torch.device("cpu"))
+    assert not {id(p) for p in value.parameters()} & {id(p) for p in rm.parameters()}
+    assert not {id(p) for p in policy.parameters()} & {id(p) for p in ref.parameters()}
+    rm_state = load_checkpoint(root / "out" / "reward.pt")
+    assert all(torch.equal(value.state_dict()[k], v) for k, v in rm_state["model"].items())
+    assert value.score.bias.item() == pytest.approx(rm_state["norm_bias"])  # normalization bias included
+    assert not any(p.requires_grad for p in list(rm.parameters()) + list(ref.parameters()))
+    assert all(p.requires_grad for p in list(value.parameters()) + list(policy.parameters()))
+
+
+def test_short_run_first_ratio_is_one_kl_finite_score_moves(stages, tmp_path):
+    log = run_ppo(stages, tmp_path)
+    assert len(log) == 6
+    for row in log:
+        assert row["first_minibatch_ratio_dev"] == 0.0 and row["first_minibatch_approx_kl"] == 0.0
+        assert math.isfinite(row["kl"]) and math.isfinite(row["value_loss"])
+        for key in ("score", "rlhf_reward", "entropy", "approx_kl", "clipfrac", "value_clipfrac",
+                    "explained_variance", "length", "eos_fraction", "lr", "episodes_per_s"):
+            assert key in row
+    assert log[0]["kl"] == pytest.approx(0.0, abs=0.05)  # the first batch comes from the SFT policy itself
+    assert log[-1]["kl"] > log[0]["kl"]  # the policy moved away from the reference
+    assert abs(log[-1]["score"] - log[0]["score"]) > 1e-3
+    assert "gold_win_rate" in log[2] and len(log[2]["samples"]) == 3
+    ckpt = load_checkpoint(tmp_path / "ppo.pt", stage="ppo")
+    assert ckpt["step"] == 6 and "gold_win_rate" in ckpt["metrics"]
+    assert (tmp_path / "ppo_step3.pt").exists() and not (tmp_path / "ppo.resume.pt").exists()
+
+
+def test_resume_equals_uninterrupted(stages, tmp_path):
+    run_ppo(stages, tmp_path / "a")
+    run_ppo(stages, tmp_path / "b", "--stop-after", "3")
+    run_ppo(stages, tmp_path / "b", "--resume")
+    a = load_checkpoint(tmp_path / "a" / "ppo.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "ppo.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
