@@ -58,6 +58,25 @@ class DataError(ValueError):
     """Bad or missing input data; the message names the file (and line) to look at."""
 
 
+def add_task_args(p, stage):
+    """The flags every stage shares for its task and files."""
+    p.add_argument("--task", choices=list(TASKS), default="synth", help="the paper's Reddit TL;DR or the offline "
+                   "synthetic TL;DR")
+    p.add_argument("--data-dir", help="the task's data (default: data/tldr or data/synth)")
+    p.add_argument("--out-dir", help=f"where {stage}.pt and its logs go, and earlier stages' checkpoints are found "
+                   "(default: out/<task>)")
+    p.add_argument("--cache-dir", default="data_cache", help="tokenized arrays, reused while the data is unchanged")
+
+
+def fill_task_defaults(args, defaults):
+    """Flags left unset take the task's value from the stage's table of defaults; directories follow the task."""
+    for key, value in defaults[args.task].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.out_dir = args.out_dir or f"out/{args.task}"
+    args.data_dir = args.data_dir or TASKS[args.task]["data_dir"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # tokenizers
 

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 import data
-from model import (CheckpointError, autocast, configure_optimizers, load_checkpoint, model_from_checkpoint, paper_lr,
-                   pick_device, pick_dtype, save_checkpoint, trim_padding)
+from model import (CheckpointError, add_run_args, autocast, configure_optimizers, load_checkpoint,
+                   model_from_checkpoint, paper_lr, pick_device, pick_dtype, save_checkpoint, trim_padding)
 
 # tldr follows the paper and Huang et al. (2024): 512 episodes per update, 4 epochs, ~1M episodes, lr by model size.
 # synth is sized for a 2-core CPU and was chosen by measurement (see README).
@@ -128,14 +128,9 @@ def explained_variance(values, returns, mask):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # task and files
-    p.add_argument("--task", choices=["tldr", "synth"], default="synth", help="the paper's Reddit TL;DR or the "
-                   "offline synthetic TL;DR")
-    p.add_argument("--data-dir", help="the task's data (default: data/tldr or data/synth)")
-    p.add_argument("--out-dir", help="where ppo.pt and its logs go (default: out/<task>)")
+    data.add_task_args(p, "ppo")
     p.add_argument("--sft", help="policy and reference (default: <out>/sft.pt)")
     p.add_argument("--reward", help="reward model, and the value network's start (default: <out>/reward.pt)")
-    p.add_argument("--cache-dir", default="data_cache", help="tokenized arrays, reused when the data is unchanged")
     # the objective
     p.add_argument("--beta", type=float, default=0.05, help="KL penalty coefficient (the paper: 0.05)")
     p.add_argument("--target-kl", type=float, help="adapt beta so the KL per response tracks this many nats "
@@ -164,19 +159,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, help="updates between temperature-0 samples of fixed validation posts")
     p.add_argument("--eval-n", type=int, help="validation posts summarized then (synth: judged by the gold labeler)")
     p.add_argument("--save-every", type=int, help="updates between ppo_step<N>.pt checkpoints (and the resume state)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/ppo.resume.pt")
-    p.add_argument("--stop-after", type=int, help="stop after this many updates as if killed, leaving the resume state")
-    # system
-    p.add_argument("--seed", type=int, default=0, help="seed for prompts order and sampling")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast dtype: auto = bf16 on GPUs that support it, fp32 otherwise")
+    add_run_args(p, "ppo", compile=False)
     args = p.parse_args(argv)
-    for key, value in DEFAULTS[args.task].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.out_dir = args.out_dir or f"out/{args.task}"
-    args.data_dir = args.data_dir or data.TASKS[args.task]["data_dir"]
+    data.fill_task_defaults(args, DEFAULTS)
     args.sft = args.sft or str(Path(args.out_dir) / "sft.pt")
     args.reward = args.reward or str(Path(args.out_dir) / "reward.pt")
     for big, small in (("rollout-batch-size", "minibatch-size"), ("rollout-batch-size", "micro-batch-size")):
@@ -273,6 +258,11 @@ def main(argv=None):
 
     log = open(out / "ppo.log.jsonl", log_mode)
     t_start = time.time()
+    if update == 0:  # the starting point, on the same posts as every later evaluation: the SFT policy itself
+        start = evaluate()
+        log.write(json.dumps(dict(update=0, **start)) + "\n")
+        print(f"update 0/{n_updates} (the SFT policy)" + (f" | gold {start['gold_win_rate']:.3f}"
+                                                           if "gold_win_rate" in start else ""))
     policy.train()
     value.train()
     while update < n_updates:
@@ -383,6 +373,9 @@ def main(argv=None):
     log.close()
 
     final = evaluate()
+    first = json.loads((out / "ppo.log.jsonl").read_text().splitlines()[0])
+    if "gold_win_rate" in first:
+        final["sft_gold_win_rate"] = first["gold_win_rate"]
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     metrics = dict(updates=update, episodes=update * args.rollout_batch_size, kl=row["kl"], score=row["score"],

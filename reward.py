@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 import data
 import synth
-from model import (CheckpointError, autocast, configure_optimizers, cosine_lr, load_checkpoint, model_from_checkpoint,
-                   paper_lr, pick_device, pick_dtype, save_checkpoint, trim_padding)
+from model import (CheckpointError, add_run_args, autocast, configure_optimizers, cosine_lr, load_checkpoint,
+                   model_from_checkpoint, paper_lr, pick_device, pick_dtype, save_checkpoint, trim_padding)
 
 DEFAULTS = {
     "tldr": dict(batch_size=64, micro_batch_size=8, lr=None, warmup=0.0, eval_every=200, save_every=200,
@@ -39,15 +39,10 @@ DEFAULTS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # task and files
-    p.add_argument("--task", choices=["tldr", "synth"], default="synth", help="the paper's Reddit TL;DR or the "
-                   "offline synthetic TL;DR")
-    p.add_argument("--data-dir", help="the task's data (default: data/tldr or data/synth)")
-    p.add_argument("--out-dir", help="where reward.pt and its logs go (default: out/<task>)")
+    data.add_task_args(p, "reward")
     p.add_argument("--sft", help="the SFT checkpoint the reward model starts from (default: <out>/sft.pt)")
     p.add_argument("--comparisons", nargs="+", help="comparison files (default tldr: <data>/comparisons/*.json; "
                    "synth: <out>/comparisons/synth_*.json, collected first when missing)")
-    p.add_argument("--cache-dir", default="data_cache", help="tokenized arrays, reused when the data is unchanged")
     # synthetic collection (the paper's step 1, with simulated labelers)
     p.add_argument("--collect", action="store_true", help="synth: collect new comparisons even if files exist")
     p.add_argument("--train-posts", type=int, default=8000, help="synth: training posts, one comparison each")
@@ -73,21 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--val-size", type=int, help="held-out comparisons for the accuracy logged during training")
     p.add_argument("--norm-n", type=int, help="training posts whose reference summaries set the bias (mean 0)")
     p.add_argument("--save-every", type=int, help="steps between resumable checkpoints (<out>/reward.resume.pt)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>/reward.resume.pt")
-    p.add_argument("--stop-after", type=int, help="stop after this many steps as if killed, leaving the resumable "
-                   "checkpoint")
-    # system
-    p.add_argument("--seed", type=int, default=0, help="seed for the head's initialization, data order, collection")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast dtype: auto = bf16 on GPUs that support it, fp32 otherwise")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    add_run_args(p, "reward")
     args = p.parse_args(argv)
-    for key, value in DEFAULTS[args.task].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.out_dir = args.out_dir or f"out/{args.task}"
-    args.data_dir = args.data_dir or data.TASKS[args.task]["data_dir"]
+    data.fill_task_defaults(args, DEFAULTS)
     args.sft = args.sft or str(Path(args.out_dir) / "sft.pt")
     args.micro_batch_size = args.micro_batch_size or args.batch_size  # synth: the whole batch in one pass
     if args.batch_size % args.micro_batch_size:

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import (GPT, CheckpointError, GPTConfig, autocast, configure_optimizers, cosine_lr, load_checkpoint,
-                   model_from_checkpoint, paper_lr, pick_device, pick_dtype, sample_responses, save_checkpoint,
-                   trim_padding)
+from model import (GPT, CheckpointError, GPTConfig, add_run_args, autocast, configure_optimizers, cosine_lr,
+                   load_checkpoint, model_from_checkpoint, paper_lr, pick_device, pick_dtype, sample_responses,
+                   save_checkpoint, trim_padding)
 
 # Task defaults; a flag left at None takes its value from here. tldr follows the paper (batch 128, one epoch,
 # cosine decay, learning rate by model size); synth is sized so the whole stage takes minutes on a 2-core CPU.
@@ -38,13 +38,7 @@ DEFAULTS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # task and files
-    p.add_argument("--task", choices=["tldr", "synth"], default="synth", help="the paper's Reddit TL;DR or the "
-                   "offline synthetic TL;DR")
-    p.add_argument("--data-dir", help="the task's data (default: data/tldr or data/synth; for synth it is generated "
-                   "when missing)")
-    p.add_argument("--out-dir", help="where sft.pt and its logs go (default: out/<task>)")
-    p.add_argument("--cache-dir", default="data_cache", help="tokenized arrays, reused when the data is unchanged")
+    data.add_task_args(p, "sft")
     # model
     p.add_argument("--model", help="tldr: a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face "
                    "directory, or an sft.pt to continue from; synth: 'scratch' (default) builds a new small GPT")
@@ -72,21 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--sample-n", type=int, help="validation posts summarized at temperature 0 at the end (ROUGE, "
                    "length, and for synth the gold preference over the references)")
     p.add_argument("--save-every", type=int, help="steps between resumable checkpoints (<out>/sft.resume.pt)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>/sft.resume.pt")
-    p.add_argument("--stop-after", type=int, help="stop after this many steps as if killed, leaving the resumable "
-                   "checkpoint (for time-sliced jobs and the resume test)")
-    # system
-    p.add_argument("--seed", type=int, default=0, help="seed for initialization and data order")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast dtype: auto = bf16 on GPUs that support it, fp32 otherwise")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    add_run_args(p, "sft")
     args = p.parse_args(argv)
-    for key, value in DEFAULTS[args.task].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.out_dir = args.out_dir or f"out/{args.task}"
-    args.data_dir = args.data_dir or data.TASKS[args.task]["data_dir"]
+    data.fill_task_defaults(args, DEFAULTS)
     args.micro_batch_size = args.micro_batch_size or args.batch_size  # synth: the whole batch in one pass
     if args.batch_size % args.micro_batch_size:
         p.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")

@@ -134,7 +134,8 @@ def test_value_network_is_a_separate_copy_of_the_reward_model(stages):
 
 def test_short_run_first_ratio_is_one_kl_finite_score_moves(stages, tmp_path):
     log = run_ppo(stages, tmp_path)
-    assert len(log) == 6
+    assert len(log) == 7 and log[0]["update"] == 0 and "gold_win_rate" in log[0]  # the SFT policy's evaluation
+    log = log[1:]
     for row in log:
         assert row["first_minibatch_ratio_dev"] == 0.0 and row["first_minibatch_approx_kl"] == 0.0
         assert math.isfinite(row["kl"]) and math.isfinite(row["value_loss"])
@@ -146,7 +147,7 @@ def test_short_run_first_ratio_is_one_kl_finite_score_moves(stages, tmp_path):
     assert abs(log[-1]["score"] - log[0]["score"]) > 1e-3
     assert "gold_win_rate" in log[2] and len(log[2]["samples"]) == 3
     ckpt = load_checkpoint(tmp_path / "ppo.pt", stage="ppo")
-    assert ckpt["step"] == 6 and "gold_win_rate" in ckpt["metrics"]
+    assert ckpt["step"] == 6 and "gold_win_rate" in ckpt["metrics"] and "sft_gold_win_rate" in ckpt["metrics"]
     assert (tmp_path / "ppo_step3.pt").exists() and not (tmp_path / "ppo.resume.pt").exists()
 
 

@@ -21,7 +21,8 @@ import synth  # noqa: E402
 from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
 
 SMALL = ["--train-posts", "960", "--valid-posts", "160", "--batch-size", "32", "--micro-batch-size", "16",
-         "--val-size", "64", "--eval-every", "5", "--norm-n", "64", "--lr", "2e-3", "--temperature", "0.7", "--epochs", "2"]
+         "--val-size", "64", "--eval-every", "5", "--norm-n", "64", "--lr", "2e-3", "--temperature", "0.7",
+         "--epochs", "2"]
 
 
 @pytest.fixture(scope="module")
