@@ -45,7 +45,7 @@ def parse_args(argv=None):
                    "synth: <out>/comparisons/synth_*.json, collected first when missing)")
     # synthetic collection (the paper's step 1, with simulated labelers)
     p.add_argument("--collect", action="store_true", help="synth: collect new comparisons even if files exist")
-    p.add_argument("--train-posts", type=int, default=8000, help="synth: training posts, one comparison each")
+    p.add_argument("--train-posts", type=int, default=10000, help="synth: training posts, one comparison each")
     p.add_argument("--valid-posts", type=int, default=1000, help="synth: held-out validation posts, one each")
     p.add_argument("--samples", type=int, default=2, help="synth: SFT samples per post to pair with each other")
     p.add_argument("--temperature", type=float, default=1.0, help="synth: sampling temperature of those samples "
