@@ -660,6 +660,23 @@ def load_checkpoint(path, stage=None, map_location="cpu"):
     return ckpt
 
 
+def save_resume_state(path, model, optimizer, *, stage, task, tokenizer, args, step, **extra):
+    """What --resume needs besides the weights: the optimizer, the torch RNG and the step (plus a stage's extras)."""
+    save_checkpoint(path, model, stage=stage, task=task, tokenizer=tokenizer, args=args, step=step,
+                    optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), **extra)
+
+
+def load_resume_state(path, model, optimizer, stage):
+    """Restore the weights, the optimizer and the torch RNG saved by save_resume_state; returns the checkpoint (its
+    step and extras)."""
+    state = load_checkpoint(path, stage=stage)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    print(f"{stage}: resumed at step {state['step']} from {path}")
+    return state
+
+
 def model_from_checkpoint(ckpt, head=None):
     """Rebuild the GPT of a checkpoint. head='scalar' on an LM checkpoint gives the reward model's starting point:
     the same trunk with a fresh scalar head (and the reverse is refused: a reward model is no policy)."""

@@ -33,7 +33,8 @@ import torch
 
 import data
 from model import (CheckpointError, add_run_args, autocast, configure_optimizers, load_checkpoint,
-                   model_from_checkpoint, paper_lr, pick_device, pick_dtype, save_checkpoint, trim_padding)
+                   load_resume_state, model_from_checkpoint, paper_lr, pick_device, pick_dtype, save_checkpoint,
+                   save_resume_state, trim_padding)
 
 # tldr follows the paper and Huang et al. (2024): 512 episodes per update, 4 epochs, ~1M episodes, lr by model size.
 # synth is sized for a 2-core CPU and was chosen by measurement (see README).
@@ -225,15 +226,12 @@ def main(argv=None):
     gen = torch.Generator(device=device).manual_seed(args.seed)
     resume_path = out / "ppo.resume.pt"
     if args.resume:
-        state = load_checkpoint(resume_path, stage="ppo")
-        policy.load_state_dict(state["model"])
+        state = load_resume_state(resume_path, policy, optimizer, "ppo")
         value.load_state_dict(state["value"])
-        optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         update, log_mode = state["step"], "a"
         if kl_ctl:
             kl_ctl.beta = state["beta"]
-        print(f"ppo: resumed at update {update}/{n_updates} from {resume_path}")
     print(f"ppo: {args.task}, policy {policy.num_params():,} parameters, {n_updates} updates of "
           f"{args.rollout_batch_size} episodes, lr {args.lr:.2e}, beta {args.beta}"
           + (f" (adaptive, target KL {args.target_kl})" if kl_ctl else "") + f", {device} {dtype}")
@@ -250,11 +248,13 @@ def main(argv=None):
             row["gold_win_rate"] = synth.gold_win_rate(valid_records, texts)
         return row
 
-    def save(path, stage_state=False):
-        extra = dict(value=value.state_dict(), optimizer=optimizer.state_dict(), generator=gen.get_state(),
-                     beta=kl_ctl.beta if kl_ctl else args.beta) if stage_state else {}
-        save_checkpoint(path, policy, stage="ppo", task=args.task, tokenizer=enc.name, args=args, step=update,
-                        **extra)
+    def save(path, resume_state=False):
+        meta = dict(stage="ppo", task=args.task, tokenizer=enc.name, args=args, step=update)
+        if resume_state:  # plus what PPO adds: the value network, the sampling generator, the adaptive beta
+            save_resume_state(path, policy, optimizer, value=value.state_dict(), generator=gen.get_state(),
+                              beta=kl_ctl.beta if kl_ctl else args.beta, **meta)
+        else:
+            save_checkpoint(path, policy, **meta)
 
     log = open(out / "ppo.log.jsonl", log_mode)
     t_start = time.time()
@@ -366,7 +366,7 @@ def main(argv=None):
         if update % args.save_every == 0:
             save(out / f"ppo_step{update}.pt")
         if update % args.save_every == 0 or update == args.stop_after:
-            save(resume_path, stage_state=True)
+            save(resume_path, resume_state=True)
         if update == args.stop_after and update < n_updates:
             print(f"ppo: stopped after update {update} (--stop-after); continue with --resume")
             return

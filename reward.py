@@ -27,7 +27,8 @@ import torch.nn.functional as F
 import data
 import synth
 from model import (CheckpointError, add_run_args, autocast, configure_optimizers, cosine_lr, load_checkpoint,
-                   model_from_checkpoint, paper_lr, pick_device, pick_dtype, save_checkpoint, trim_padding)
+                   load_resume_state, model_from_checkpoint, paper_lr, pick_device, pick_dtype, save_checkpoint,
+                   save_resume_state, trim_padding)
 
 DEFAULTS = {
     "tldr": dict(batch_size=64, micro_batch_size=8, lr=None, warmup=0.0, eval_every=200, save_every=200,
@@ -172,7 +173,7 @@ def collect_synth(args, enc, sft_model, files, device, dtype):
     for path, split, n, name in ((files[0], "train", args.train_posts, "train"),
                                  (files[1], "valid", args.valid_posts, "valid2")):
         posts = data.load_split("synth", split, args.data_dir)[:n]
-        comps = synth.collect(sft_model, posts, enc, labelers, rng, policy_name=f"sft_t{args.temperature:g}",
+        comps = synth.collect({f"sft_t{args.temperature:g}": sft_model}, posts, enc, labelers, rng,
                               samples=args.samples, temperature=args.temperature, ref_fraction=args.ref_fraction,
                               split="train" if split == "train" else name, batch=f"synth_{split}",
                               batch_size=256, device=device, dtype=dtype, generator=gen)
@@ -217,12 +218,7 @@ def main(argv=None):
     step, log_mode = 0, "w"
     resume_path = out / "reward.resume.pt"
     if args.resume:
-        state = load_checkpoint(resume_path, stage="reward")
-        rm.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        step, log_mode = state["step"], "a"
-        print(f"reward: resumed at step {step}/{total_steps} from {resume_path}")
+        step, log_mode = load_resume_state(resume_path, rm, optimizer, "reward")["step"], "a"
     forward = torch.compile(rm) if args.compile else rm
     print(f"reward: {args.task}, {rm.num_params():,} parameters, {len(train_rows):,} training comparisons, "
           f"{len(eval_rows):,} held out, {total_steps} steps of {args.batch_size} ({accum} x "
@@ -269,8 +265,8 @@ def main(argv=None):
               f"{row['pairs_per_s']:.0f} pairs/s | {row['elapsed']:.1f}s"
               + (f" | val acc {row['val_accuracy']:.3f}" if "val_accuracy" in row else ""))
         if step % args.save_every == 0 or step == args.stop_after:
-            save_checkpoint(resume_path, rm, stage="reward", task=args.task, tokenizer=enc.name, args=args, step=step,
-                            optimizer=optimizer.state_dict(), rng=torch.get_rng_state())
+            save_resume_state(resume_path, rm, optimizer, stage="reward", task=args.task, tokenizer=enc.name,
+                              args=args, step=step)
         if step == args.stop_after and step < total_steps:
             print(f"reward: stopped after step {step} (--stop-after); continue with --resume")
             return

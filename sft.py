@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 import data
 from model import (GPT, CheckpointError, GPTConfig, add_run_args, autocast, configure_optimizers, cosine_lr,
-                   load_checkpoint, model_from_checkpoint, paper_lr, pick_device, pick_dtype, sample_responses,
-                   save_checkpoint, trim_padding)
+                   load_checkpoint, load_resume_state, model_from_checkpoint, paper_lr, pick_device, pick_dtype,
+                   sample_responses, save_checkpoint, save_resume_state, trim_padding)
 
 # Task defaults; a flag left at None takes its value from here. tldr follows the paper (batch 128, one epoch,
 # cosine decay, learning rate by model size); synth is sized so the whole stage takes minutes on a 2-core CPU.
@@ -151,25 +151,15 @@ def main(argv=None):
     model = build_model(args, enc, Lq + task["rm_response_len"]).to(device)  # room for the RM's longer responses
     if Lq + Lr > model.config.block_size:
         raise ValueError(f"queries of {Lq} + responses of {Lr} tokens exceed the model's {model.config.block_size}")
-    model.config.dropout = 0.0  # the paper's models train without dropout; none of ours carries any
     args.lr = args.lr or paper_lr("sft", model.num_params())
     optimizer = configure_optimizers(model, args.lr, args.weight_decay, device_type=device.type)
     step, log_mode = 0, "w"
     resume_path = out / "sft.resume.pt"
     if args.resume:
-        state = load_checkpoint(resume_path, stage="sft")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        step, log_mode = state["step"], "a"
-        print(f"sft: resumed at step {step}/{total_steps} from {resume_path}")
+        step, log_mode = load_resume_state(resume_path, model, optimizer, "sft")["step"], "a"
     forward = torch.compile(model) if args.compile else model
     print(f"sft: {args.task}, {model.num_params():,} parameters, {n_train:,} examples, {total_steps} steps of "
           f"{args.batch_size} ({accum} x {args.micro_batch_size}), lr {args.lr:.2e}, {device} {dtype}")
-
-    def save_resumable():
-        save_checkpoint(resume_path, model, stage="sft", task=args.task, tokenizer=enc.name, args=args, step=step,
-                        optimizer=optimizer.state_dict(), rng=torch.get_rng_state())
 
     # training loop
     log = open(out / "sft.log.jsonl", log_mode)
@@ -213,7 +203,8 @@ def main(argv=None):
         print(f"step {step}/{total_steps} | loss {row['loss']:.4f} | lr {lr:.2e} | {row['tokens_per_s']:,.0f} tok/s"
               f" | {row['elapsed']:.1f}s" + (f" | val loss {row['val_loss']:.4f}" if "val_loss" in row else ""))
         if step % args.save_every == 0 or step == args.stop_after:
-            save_resumable()
+            save_resume_state(resume_path, model, optimizer, stage="sft", task=args.task, tokenizer=enc.name,
+                              args=args, step=step)
         if step == args.stop_after and step < total_steps:
             print(f"sft: stopped after step {step} (--stop-after); continue with --resume")
             return

@@ -31,6 +31,7 @@ import json
 import math
 import random
 import re
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from data import (PAT_ASCII, SYNTH_TOKENIZER, TASKS, TEMPLATES, DataError, as_response, collect_comparisons,
-                  format_query, get_tokenizer, summarize, write_atomic, write_jsonl)
+                  format_query, get_tokenizer, load_split, summarize, write_atomic, write_jsonl)
+from model import CheckpointError, load_checkpoint, model_from_checkpoint
 
 # ----------------------------------------------------------------------------------------------------------------
 # the world's tables. Everything is ASCII and free of apostrophes, so each word is one token. Editing them changes
@@ -387,16 +389,19 @@ def second_opinion_agreement(comparisons, labelers, rng):
     return p, math.sqrt(p * (1 - p) / len(same))
 
 
-def collect(policy, records, enc, labelers, rng, policy_name="sft", samples=2, temperature=1.0, ref_fraction=0.25,
-            split="train", batch="synth_sft", **sampling):
-    """Step 1 with the simulated labelers: `samples` summaries per post from the policy, at a temperature that gives
-    variety, paired mostly with each other plus some references (ref_fraction), judged by random labelers. Pairing
-    every sample with its reference instead teaches a reward model the style gap more than quality (measured: 65%
-    held-out accuracy against 76% labeler agreement). sampling: batch_size, device, dtype, generator for
-    data.summarize. Returns comparison dicts in the original format."""
-    draws = [summarize(policy, records, enc, "synth", temperature, desc=f"sampling {split} summaries", **sampling)
-             for _ in range(samples)]
-    candidates = [[(policy_name, d[i]) for d in draws] for i in range(len(records))]
+def collect(policies, records, enc, labelers, rng, samples=2, temperature=1.0, ref_fraction=0.25, split="train",
+            batch="synth_sft", **sampling):
+    """Step 1 with the simulated labelers: `samples` summaries per post from each policy ({name: model}), at a
+    temperature that gives variety, paired mostly with each other plus some references (ref_fraction), judged by
+    random labelers. Pairing every sample with its reference instead teaches a reward model the style gap more than
+    quality (measured: 65% held-out accuracy against 76% labeler agreement). sampling: batch_size, device, dtype,
+    generator for data.summarize. Returns comparison dicts in the original format, policies named."""
+    candidates = [[] for _ in records]
+    for name, policy in policies.items():
+        for _ in range(samples):
+            texts = summarize(policy, records, enc, "synth", temperature, desc=f"{name}: sampling {split}", **sampling)
+            for cands, text in zip(candidates, texts):
+                cands.append((name, text))
     return collect_comparisons(records, candidates, labelers, rng, ref_fraction, 1, split, batch)
 
 
@@ -435,7 +440,20 @@ def main():
     parser.add_argument("--n-test", type=int, default=1000, help="test posts")
     parser.add_argument("--n-transfer", type=int, default=1000, help="posts from the held-out subreddit and problems")
     parser.add_argument("--labelers", type=int, default=10, help="simulated labelers")
+    sub = parser.add_subparsers(dest="command", help="without a command: generate the splits")
+    co = sub.add_parser("collect", help="the paper's step 1: compare samples of policy checkpoints (and references) "
+                        "with the simulated labelers, written in the original comparison format")
+    co.add_argument("policies", nargs="+", help="sft.pt / ppo.pt checkpoints; each is named by its file name")
+    co.add_argument("--out", required=True, help="the comparisons file to write (JSON lines)")
+    co.add_argument("--data-dir", default=TASKS["synth"]["data_dir"], help="the synthetic splits")
+    co.add_argument("--split", default="valid", choices=["train", "valid", "test", "transfer"], help="posts to use")
+    co.add_argument("--n-posts", type=int, default=500, help="posts, one comparison each")
+    co.add_argument("--samples", type=int, default=2, help="samples per post and policy")
+    co.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    co.add_argument("--ref-fraction", type=float, default=0.25, help="fraction of pairs with the reference")
     args = parser.parse_args()
+    if args.command == "collect":
+        return collect_command(args)
     t0 = time.time()
     stats = write_synth(args.out_dir, args.seed, dict(train=args.n_train, valid=args.n_valid, test=args.n_test,
                                                       transfer=args.n_transfer), args.labelers)
@@ -446,5 +464,23 @@ def main():
           f"to the reference {stats['perfect_vs_reference']:.1%} of the time")
 
 
+def collect_command(args):
+    policies = {}
+    for path in args.policies:
+        ckpt = load_checkpoint(path, stage=("sft", "ppo"))
+        if ckpt["tokenizer"] != SYNTH_TOKENIZER:
+            raise DataError(f"{path}: a policy with tokenizer {ckpt['tokenizer']}, not the synthetic task's")
+        policies[Path(path).stem] = model_from_checkpoint(ckpt).eval()
+    posts = load_split("synth", args.split, args.data_dir)[:args.n_posts]
+    comps = collect(policies, posts, get_tokenizer(SYNTH_TOKENIZER), make_labelers(args.labelers, args.seed),
+                    np.random.default_rng(args.seed), args.samples, args.temperature, args.ref_fraction,
+                    split="train" if args.split == "train" else "valid2", batch=Path(args.out).stem)
+    write_jsonl(args.out, comps)
+    print(f"synth: wrote {len(comps)} comparisons of {', '.join(policies)} and the references to {args.out}")
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"synth.py: error: {e}")

@@ -119,3 +119,21 @@ def test_wrong_task_and_wrong_tokenizer_are_refused(sft_run, tmp_path):
     assert "an SFT model of task tldr with tokenizer gpt2, but --task synth uses synth-words-v1" in proc.stderr
     proc = run("--sft", str(sft_run / "sft" / "sft.json"))
     assert "not a readable checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_collect_command_compares_several_policies_in_the_original_format(sft_run, tmp_path):
+    (tmp_path / "sft_a.pt").write_bytes((sft_run / "sft" / "sft.pt").read_bytes())
+    (tmp_path / "sft_b.pt").write_bytes((sft_run / "sft" / "sft.pt").read_bytes())
+    proc = subprocess.run([sys.executable, str(ROOT / "synth.py"), "collect", str(tmp_path / "sft_a.pt"),
+                           str(tmp_path / "sft_b.pt"), "--out", str(tmp_path / "c.json"), "--data-dir",
+                           str(sft_run / "data"), "--n-posts", "40", "--temperature", "0.7"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    rows = data.read_comparisons(tmp_path / "c.json")
+    assert len(rows) == 40 and {r["split"] for r in rows} == {"valid2"} and {r["batch"] for r in rows} == {"c"}
+    assert {p for r in rows for p in r["policies"]} <= {"sft_a", "sft_b", "ref"}
+    assert {p for r in rows for p in r["policies"]} >= {"sft_a", "sft_b"}
+    proc = subprocess.run([sys.executable, str(ROOT / "synth.py"), "collect", str(sft_run / "sft" / "sft.json"),
+                           "--out", str(tmp_path / "d.json")], capture_output=True, text=True, cwd=ROOT)
+    assert "not a readable checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "d.json").exists()
