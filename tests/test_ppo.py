@@ -158,3 +158,19 @@ def test_resume_equals_uninterrupted(stages, tmp_path):
     a = load_checkpoint(tmp_path / "a" / "ppo.pt")["model"]
     b = load_checkpoint(tmp_path / "b" / "ppo.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(stages, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = ppo.value_loss
+
+    def breaks_in_update_4(*args, **kwargs):  # 4 micro-batches x 4 epochs = 16 calls per update
+        calls["n"] += 1
+        loss, clipfrac = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] > 48 else loss), clipfrac
+
+    monkeypatch.setattr(ppo, "value_loss", breaks_in_update_4)
+    with pytest.raises(FloatingPointError, match="update 4: the loss is nan"):
+        run_ppo(stages, tmp_path)
+    assert load_checkpoint(tmp_path / "ppo.resume.pt", stage="ppo")["step"] == 3
+    assert (tmp_path / "ppo_step3.pt").exists() and not (tmp_path / "ppo.pt").exists()
