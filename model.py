@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 # The logit of a padded vocabulary row: exp(-1e4) is exactly 0 in every float type, yet the value stays finite under
 # a temperature and in bf16, so p * log p is 0 (not NaN) in an entropy.
@@ -397,8 +398,6 @@ def sample_responses(model, queries, max_new_tokens, temperature, eos_id, pad_id
                      generator=None, desc=None):
     """Responses of a policy to (N, Lq) left-padded queries (numpy or torch), in batches with a progress bar.
     Returns (N, max_new_tokens) int64 tokens on the CPU: EOS included, PAD after it."""
-    from tqdm import tqdm
-
     queries = torch.as_tensor(queries)
     out = []
     for i in tqdm(range(0, len(queries), batch_size), desc=desc, disable=desc is None, leave=False):
@@ -508,8 +507,6 @@ def hf_files(name_or_dir):
 
 def download(url, dest, hint=""):
     """Fetch url to dest with a progress bar, resuming a partial .part file; fail fast (10 s) without a network."""
-    from tqdm import tqdm
-
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = Path(f"{dest}.part")
