@@ -174,3 +174,13 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(stages, tmp
         run_ppo(stages, tmp_path)
     assert load_checkpoint(tmp_path / "ppo.resume.pt", stage="ppo")["step"] == 3
     assert (tmp_path / "ppo_step3.pt").exists() and not (tmp_path / "ppo.pt").exists()
+
+
+def test_checkpoints_of_the_wrong_stage_are_refused(stages, tmp_path):
+    root, common = stages
+    args = [a if a != str(root / "out") else str(tmp_path) for a in common]
+    with pytest.raises(ppo.CheckpointError, match="is a sft checkpoint, expected a reward checkpoint"):
+        ppo.main(args + ["--sft", str(root / "out" / "sft.pt"), "--reward", str(root / "out" / "sft.pt")])
+    with pytest.raises(ppo.CheckpointError, match="is a reward checkpoint, expected a sft checkpoint"):
+        ppo.main(args + ["--sft", str(root / "out" / "reward.pt"), "--reward", str(root / "out" / "reward.pt")])
+    assert not (tmp_path / "ppo.pt").exists()
