@@ -142,7 +142,7 @@ def accuracy_report(correct, arrays, rows, task):
     return report
 
 
-def load_comparisons(args, enc, sft_model, device, dtype):
+def load_comparisons(args, enc, sft_ckpt, device, dtype):
     """The comparison rows for this task: read from files, or (synth) collected first with the simulated labelers."""
     if args.comparisons:
         files = [Path(f) for f in args.comparisons]
@@ -155,7 +155,7 @@ def load_comparisons(args, enc, sft_model, device, dtype):
         folder = Path(args.out_dir) / "comparisons"
         files = [folder / "synth_train.json", folder / "synth_valid.json"]
         if args.collect or not all(f.exists() for f in files):
-            collect_synth(args, enc, sft_model, files, device, dtype)
+            collect_synth(args, enc, sft_ckpt, files, device, dtype)
     records = data.read_comparisons(files)
     synthetic = [str(r["id"]).startswith(synth.WORLD + "_") for r in records]
     if args.task == "synth" and not all(synthetic):
@@ -165,7 +165,8 @@ def load_comparisons(args, enc, sft_model, device, dtype):
     return records
 
 
-def collect_synth(args, enc, sft_model, files, device, dtype):
+def collect_synth(args, enc, sft_ckpt, files, device, dtype):
+    sft_model = model_from_checkpoint(sft_ckpt).to(device).eval()  # the policy whose samples are compared
     labelers = synth.make_labelers(args.labelers, seed=args.seed)
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -200,7 +201,7 @@ def main(argv=None):
                               f"{sft_ckpt['tokenizer']}, but --task {args.task} uses {enc.name}")
 
     # data
-    records = load_comparisons(args, enc, model_from_checkpoint(sft_ckpt).to(device).eval(), device, dtype)
+    records = load_comparisons(args, enc, sft_ckpt, device, dtype)
     arrays = data.prepare_comparisons(records, enc, task["query_len"], task["rm_response_len"], args.cache_dir)
     split = arrays["split"]
     train_rows = np.flatnonzero((split == "train") & ~arrays["is_cnndm"])
@@ -211,7 +212,8 @@ def main(argv=None):
     total_steps = int(args.epochs * len(train_rows)) // args.batch_size
     accum = args.batch_size // args.micro_batch_size
 
-    # model: the SFT trunk with a fresh scalar head, N(0, 1/(d+1)) (initialized in GPT under the seed above)
+    # model: the SFT trunk with a fresh scalar head, N(0, 1/(d+1)) (initialized in GPT)
+    torch.manual_seed(args.seed)  # the head's draw must not depend on whether comparisons were collected first
     rm = model_from_checkpoint(sft_ckpt, head="scalar").to(device)
     args.lr = args.lr or paper_lr("reward", rm.num_params())
     optimizer = configure_optimizers(rm, args.lr, args.weight_decay, device_type=device.type)
@@ -278,7 +280,7 @@ def main(argv=None):
     before = reference_rewards(forward, norm_records, enc, args, device, dtype)
     with torch.no_grad():
         rm.score.bias -= float(before.mean())
-    after = reference_rewards(forward, norm_records, enc, args, device, dtype)
+    after = before - before.mean()  # the bias moves every reward by the same amount
 
     # evaluation on every held-out comparison
     r0, r1 = all_rewards(forward, arrays, eval_rows, args, pad, device, dtype)
