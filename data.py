@@ -32,7 +32,7 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
-from model import sample_responses
+from model import autocast, sample_responses, trim_padding
 
 SYNTH_TOKENIZER = "synth-words-v1"
 # Per-task defaults, read by every stage. Query and response lengths are in tokens of the task's tokenizer; the
@@ -416,14 +416,28 @@ def rouge(prediction, reference):
     for n in (1, 2):
         p, r = (Counter(tuple(t[i:i + n]) for i in range(len(t) - n + 1)) for t in (pred, ref))
         out[f"rouge{n}"] = _fmeasure(sum((p & r).values()), sum(p.values()), sum(r.values()))  # & is the clipped min
-    lcs = [0] * (len(pred) + 1)  # lcs[j]: LCS of the reference so far and pred[:j], one table row at a time
-    for word in ref:
-        row = [0]
-        for j, w in enumerate(pred):
-            row.append(lcs[j] + 1 if w == word else max(lcs[j + 1], row[j]))
-        lcs = row
-    out["rougeL"] = _fmeasure(lcs[-1], len(pred), len(ref))
+    out["rougeL"] = _fmeasure(_lcs(ref, pred), len(pred), len(ref))
     return out
+
+
+def _lcs(a, b):
+    """Length of the longest common subsequence of two sequences, one row of the table at a time."""
+    prev = [0] * (len(b) + 1)  # prev[j]: LCS of a so far and b[:j]
+    for x in a:
+        row = [0]
+        for j, y in enumerate(b):
+            row.append(prev[j] + 1 if x == y else max(prev[j + 1], row[j]))
+        prev = row
+    return prev[-1]
+
+
+def copying(summary, source):
+    """How much a summary copies its source (the paper's Section 4.4, footnote 9): the longest common subsequence of
+    the summary's word bigrams with the source's (post or article), divided by the summary's number of bigrams. 1 is
+    a verbatim excerpt; 0 when the summary has no bigram. Words as ROUGE tokenizes them."""
+    s, p = _rouge_tokens(summary), _rouge_tokens(source)
+    s_bigrams, p_bigrams = list(zip(s, s[1:])), list(zip(p, p[1:]))
+    return _lcs(s_bigrams, p_bigrams) / len(s_bigrams) if s_bigrams else 0.0
 
 
 def mean_rouge(predictions, references):
@@ -509,6 +523,25 @@ def summarize(policy, records, enc, task, temperature=0.0, batch_size=64, device
     tokens = sample_responses(policy, queries, TASKS[task]["response_len"], temperature, enc.eot_token, pad_id(enc),
                               batch_size, device, dtype, generator, desc)
     return decode_responses(enc, tokens)
+
+
+@torch.no_grad()
+def score_summaries(rm, records, texts, enc, task, batch_size=64, device="cpu", dtype=None):
+    """A reward model's score of texts[i] as a summary of records[i], read at its EOS as in training (the response
+    convention of `as_response`, up to the task's rm_response_len). Returns (N,) float numpy."""
+    spec = TASKS[task]
+    arrays = prepare_sft([dict(r, summary=t) for r, t in zip(records, texts)], enc, spec["query_len"],
+                         spec["rm_response_len"])
+    if len(arrays["index"]) != len(texts):
+        raise ValueError(f"{len(texts) - len(arrays['index'])} summaries are longer than the reward model reads "
+                         f"({spec['rm_response_len']} tokens with the EOS)")
+    out = []
+    for i in range(0, len(texts), batch_size):
+        q, r = tensors(arrays, slice(i, i + batch_size), ("query", "response"), device)
+        tokens, _ = trim_padding(torch.cat([q, r], 1), pad_id(enc))
+        with autocast(device, dtype):
+            out.append(rm.reward(tokens, (tokens != pad_id(enc)).long()).float().cpu())
+    return torch.cat(out).numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------------

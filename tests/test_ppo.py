@@ -14,9 +14,6 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN.is_dir():
 
 import data  # noqa: E402
 import ppo  # noqa: E402
-import reward  # noqa: E402
-import sft  # noqa: E402
-import synth  # noqa: E402
 from model import load_checkpoint  # noqa: E402
 
 # --- the math, by hand ---
@@ -93,20 +90,6 @@ def test_adaptive_kl_controller():
 
 
 # --- the pipeline ---
-
-@pytest.fixture(scope="module")
-def stages(tmp_path_factory):
-    """Tiny SFT and reward models on a tiny synthetic dataset."""
-    root = tmp_path_factory.mktemp("ppo")
-    synth.write_synth(root / "data", seed=0, sizes=dict(train=960, valid=64, test=8, transfer=8))
-    common = ["--task", "synth", "--data-dir", str(root / "data"), "--out-dir", str(root / "out"), "--cache-dir",
-              str(root / "cache")]
-    sft.main(common + ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "16", "--lr", "3e-3",
-                       "--epochs", "2", "--val-size", "32", "--sample-n", "8"])
-    reward.main(common + ["--train-posts", "480", "--valid-posts", "64", "--batch-size", "32", "--norm-n", "64",
-                          "--val-size", "32", "--temperature", "0.7"])
-    return root, common
-
 
 def run_ppo(stages, out, *extra):
     root, common = stages

@@ -1,0 +1,724 @@
+"""
+Stage 4: measure policies the way the paper did (its section 4), for any set of checkpoints.
+
+    python evaluate.py                        # synth: out/synth/sft.pt and ppo.pt on 500 test posts, gold judge
+    python evaluate.py --sweep out/synth/ppo_step*.pt          # plus the over-optimization curve (figure 5)
+    python evaluate.py --data transfer        # synth: a subreddit and problems never trained on (section 4.2)
+    python evaluate.py --task tldr --judge http --judge-model MODEL       # an LLM judge over an OpenAI-style API
+    python evaluate.py --task tldr --data cnndm                           # transfer to news articles
+
+Every policy writes summaries of the same posts at temperature 0; for each, and for the reference summaries:
+  - preference over the reference by the judge, with one standard error, and length-controlled: a logistic
+    regression of the preference on log(length / reference length), one intercept per policy and a shared slope,
+    read at equal length (the paper's appendix F); the mean length in tokens beside it;
+  - ROUGE-1/2/L F-measures against the reference; copying (section 4.4, footnote 9);
+  - KL to the SFT policy, sum over tokens of log pi - log sft on the policy's own samples at --kl-temperature
+    (PPO's 0.7: the KL its penalty sees); the reward model's score (normalized: training references average 0).
+Then, where the checkpoints allow it:
+  - best-of-N (figure 7): N SFT samples per post, the pick of the RM or of ROUGE-L against the reference, judged,
+    against the KL of best-of-N to its sampling policy, log N - (N-1)/N;
+  - over-optimization (figure 5): judged preference and RM score against KL for the --sweep checkpoints;
+  - the RM against simple metrics (section 4.4): how often the RM, ROUGE-L, length, copying and log-probability
+    under SFT pick the summary the labeler chose in held-out comparisons (synth: beside the labelers' own agreement);
+  - synth: what the RM learned (section 4.3), on controlled edits of a perfect summary (synth.PERTURBATIONS).
+
+Judges: gold (synth only: the rubric of synth.gold_score, exact, with its axes); rm:PATH (any reward checkpoint, e.g.
+one trained on other comparisons: the "gold RM" setup of Gao et al. 2022); http (an LLM behind an OpenAI-compatible
+chat-completions API; --judge-url / OPENAI_BASE_URL, --judge-model / JUDGE_MODEL, --judge-key / OPENAI_API_KEY).
+
+Writes <out>/eval.json (every number), <out>/eval_samples.md (posts, references and every summary side by side) and,
+when matplotlib is installed, <out>/eval_preference.png, eval_overoptimization.png and eval_best_of_n.png.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import synth
+from model import CheckpointError, autocast, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype, \
+    trim_padding
+
+DEFAULTS = {
+    "tldr": dict(n=1000, batch_size=16, max_n=16, bon_posts=256, analysis_n=2000),
+    "synth": dict(n=500, batch_size=128, max_n=32, bon_posts=250, analysis_n=1000),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data.add_task_args(p, "eval")
+    p.add_argument("--policies", nargs="+", help="policy checkpoints (sft or ppo) to evaluate (default: <out>/sft.pt "
+                   "and <out>/ppo.pt, those that exist); each is named by its file name")
+    p.add_argument("--sft", help="the SFT policy: KL is measured to it, best-of-N samples it, log-probabilities "
+                   "come from it (default: <out>/sft.pt; skipped when missing)")
+    p.add_argument("--reward", help="the reward model whose scores are reported, which picks best-of-N and is "
+                   "analyzed (default: <out>/reward.pt; skipped when missing)")
+    p.add_argument("--judge", help="gold (synth), rm:PATH (a reward checkpoint) or http (an LLM judge). Default: "
+                   "gold for synth, rm:<the --reward model> for tldr (not independent of a policy trained on it)")
+    p.add_argument("--data", default="test", choices=["test", "valid", "transfer", "cnndm"],
+                   help="posts to summarize: a split, or transfer (tldr: CNN/DM articles, also called cnndm; "
+                   "synth: the held-out subreddit)")
+    p.add_argument("--n", type=int, help="posts to summarize (synth: 500, tldr: 1000)")
+    p.add_argument("--batch-size", type=int, help="sequences per forward pass (synth: 128, tldr: 16)")
+    p.add_argument("--kl-temperature", type=float, default=0.7, help="sampling temperature of the KL estimate")
+    p.add_argument("--sweep", nargs="*", default=[], help="checkpoints of one run or of several betas, for the "
+                   "preference-against-KL curve (e.g. out/synth/ppo_step*.pt)")
+    p.add_argument("--max-n", type=int, help="best-of-N for N = 1, 2, 4, ... up to this (0: skip; synth 32)")
+    p.add_argument("--bon-posts", type=int, help="posts for best-of-N (synth: 250, tldr: 256)")
+    p.add_argument("--bon-temperature", type=float, default=0.7, help="temperature of the best-of-N samples")
+    p.add_argument("--comparisons", nargs="*", help="held-out comparisons for the RM analysis (default synth: "
+                   "<out>/comparisons/synth_valid.json; tldr: the valid splits of <data>/comparisons/*.json)")
+    p.add_argument("--analysis-n", type=int, help="comparisons in the RM analysis (synth: 1000, tldr: 2000)")
+    p.add_argument("--show", type=int, default=20, help="posts on the samples page")
+    p.add_argument("--no-plots", action="store_true", help="do not draw PNGs even if matplotlib is installed")
+    add_http_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of every sample and of the http judge's A/B order")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast dtype: auto = bf16 on GPUs that support it, fp32 otherwise")
+    args = p.parse_args(argv)
+    data.fill_task_defaults(args, DEFAULTS)
+    if args.data == "cnndm":
+        if args.task != "tldr":
+            p.error("--data cnndm is the tldr task's transfer set; for synth use --data transfer")
+        args.data = "transfer"
+    out = Path(args.out_dir)
+    args.policies = args.policies or [str(f) for f in (out / "sft.pt", out / "ppo.pt") if f.exists()]
+    if not args.policies:
+        p.error(f"no --policies given and neither {out / 'sft.pt'} nor {out / 'ppo.pt'} exists: train them first")
+    args.sft = args.sft or str(out / "sft.pt")
+    args.reward = args.reward or str(out / "reward.pt")
+    args.judge = args.judge or ("gold" if args.task == "synth" else f"rm:{args.reward}")
+    if args.judge == "gold" and args.task != "synth":
+        p.error("--judge gold exists only for the synthetic task; use rm:PATH or http")
+    if not (args.judge in ("gold", "http") or args.judge.startswith("rm:")):
+        p.error(f"--judge {args.judge!r}: expected gold, rm:PATH or http")
+    return args
+
+
+@dataclass
+class Run:
+    """What every measurement needs: the task, its tokenizer, and where and how to run the models."""
+    task: str
+    enc: object
+    batch_size: int
+    device: torch.device
+    dtype: torch.dtype
+    seed: int
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# statistics
+
+def mean_se(values):
+    """Mean and one standard error (population std / sqrt(n)) of the finite values; for a preference (1 win, 0.5
+    tie, 0 loss) without ties the error is sqrt(p (1 - p) / n). NaN (no verdict) is left out and not counted."""
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if not len(x):
+        return dict(mean=None, stderr=None, n=0)
+    return dict(mean=float(x.mean()), stderr=float(x.std() / math.sqrt(len(x))), n=int(len(x)))
+
+
+def bon_kl(n):
+    """KL of best-of-n sampling to the policy sampled, log n - (n - 1) / n (Stiennon et al. 2020, appendix G.3)."""
+    return math.log(n) - (n - 1) / n
+
+
+def length_controlled(wins, log_ratios, ridge=1e-4):
+    """The paper's appendix F: a logistic regression of the preference over the reference on the log length ratio,
+    one intercept per policy and a slope shared by all, fitted by Newton's method (ties are half a win, a soft
+    label; a small ridge keeps it finite when a policy always wins). A policy's length-controlled preference is its
+    predicted preference at equal length. wins, log_ratios: {policy: array}. Returns ({policy: preference}, slope)."""
+    names = list(wins)
+    rows, y = [], []
+    for k, name in enumerate(names):
+        for w, x in zip(wins[name], log_ratios[name]):
+            if np.isfinite(w):
+                rows.append([float(j == k) for j in range(len(names))] + [x])
+                y.append(w)
+    X, y = np.array(rows), np.array(y)
+    theta = np.zeros(X.shape[1])
+    for _ in range(100):
+        p = 1 / (1 + np.exp(-X @ theta))
+        grad = X.T @ (p - y) + ridge * theta
+        hessian = X.T @ (X * (p * (1 - p))[:, None]) + ridge * np.eye(len(theta))
+        step = np.linalg.solve(hessian, grad)
+        theta -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return {name: float(1 / (1 + math.exp(-theta[k]))) for k, name in enumerate(names)}, float(theta[-1])
+
+
+def agreement(diff, choice):
+    """How often a predictor picks the summary the labeler chose: diff = its value for summary 1 minus summary 0
+    (higher predicts 1); a tie counts a half, NaN (not measurable) is left out. Returns mean_se."""
+    diff = np.asarray(diff, dtype=float)
+    right = np.where(diff == 0, 0.5, ((diff > 0) == (np.asarray(choice) == 1)).astype(float))
+    return mean_se(np.where(np.isnan(diff), np.nan, right))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# judges. prefer(records, texts, baselines) -> (N,): 1 where texts[i] is the better summary of records[i], 0 where
+# baselines[i] is, 0.5 for a tie, NaN for no verdict (an http judge whose retries or budget ran out)
+
+def verdicts(a, b, tol=1e-9):
+    """1 where score a is higher, 0 where b is, 0.5 within tol."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return np.where(np.abs(a - b) <= tol, 0.5, (a > b).astype(float))
+
+
+class Gold:
+    """The synthetic task's rubric (synth.gold_score): exact, free, and with its axes."""
+    name = "gold"
+
+    def totals(self, records, texts):
+        return np.array([synth.gold_score(r, t)["total"] for r, t in zip(records, texts)])
+
+    def prefer(self, records, texts, baselines):
+        return verdicts(self.totals(records, texts), self.totals(records, baselines))
+
+    def axes(self, records, texts):
+        scores = [synth.gold_score(r, t) for r, t in zip(records, texts)]
+        return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+
+
+class RewardJudge:
+    """A reward model as the judge: the summary it scores higher wins. Independent of a policy only when the policy
+    was not trained against it (Gao et al. 2022 judge with a larger RM trained on the same labels)."""
+
+    def __init__(self, path, run):
+        self.rm, _ = load_model(path, run, "reward")
+        self.run, self.name = run, f"rm:{path}"
+
+    def prefer(self, records, texts, baselines):
+        r = self.run
+        score = lambda t: data.score_summaries(self.rm, records, t, r.enc, r.task, r.batch_size, r.device,  # noqa
+                                               r.dtype)
+        return verdicts(score(texts), score(baselines))
+
+
+class JudgeError(RuntimeError):
+    """The http judge cannot work: no model named, a refused key or address, a server that never answers."""
+
+
+JUDGE_PROMPT = """\
+Below are a {kind} and two summaries of it. Which summary conveys the most important points of the {kind} better? \
+Weigh accuracy (it says nothing false), coverage (the key points are there and nothing unimportant is added) and \
+coherence (it reads clearly on its own). Neither the order of the summaries nor their length should sway you.
+
+{Kind}:
+{source}
+
+Summary A:{a}
+
+Summary B:{b}
+
+Give one short sentence of reasoning, then a last line that reads exactly "Preferred: A" or "Preferred: B"."""
+
+
+def parse_verdict(reply):
+    """'A' or 'B' from a judge's reply: its last "Preferred: X", or a reply that is just the letter; else None."""
+    found = re.findall(r"preferred\W*([ab])\b", reply, flags=re.IGNORECASE)
+    if found:
+        return found[-1].upper()
+    bare = reply.strip().strip(".*\"'` ").upper()
+    return bare if bare in ("A", "B") else None
+
+
+def add_http_args(p):
+    g = p.add_argument_group("the http judge: an LLM over an OpenAI-compatible chat-completions API")
+    g.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+                   help="the API's base address; <url>/chat/completions is called (env OPENAI_BASE_URL)")
+    g.add_argument("--judge-model", default=os.environ.get("JUDGE_MODEL"), help="the model to ask (env JUDGE_MODEL)")
+    g.add_argument("--judge-key", default=os.environ.get("OPENAI_API_KEY"), help="the bearer key (env "
+                   "OPENAI_API_KEY); never written to eval.json")
+    g.add_argument("--judge-timeout", type=float, default=60.0, help="seconds to wait for one reply")
+    g.add_argument("--judge-retries", type=int, default=3, help="retries of a request that timed out, failed (429, "
+                   "5xx) or got a reply without a verdict; a pair still without one is left out and counted")
+    g.add_argument("--judge-budget", type=int, default=5000, help="requests at most, retries included")
+    g.add_argument("--judge-workers", type=int, default=4, help="requests in flight at once")
+
+
+class HTTPJudge:
+    """An LLM judge over an OpenAI-compatible chat-completions API, for the real task where there is no gold rubric.
+    Each pair is shown in a seeded random A/B order, so a judge's bias for one position averages out. A request that
+    times out, fails with 429/5xx or gets a reply without a verdict is retried with exponential backoff; 401, 403
+    and 404 stop the run (a wrong key, model or address), as do 20 failures in a row. Identical summaries are a tie
+    without a request."""
+
+    def __init__(self, url, model, key=None, timeout=60.0, retries=3, budget=5000, workers=4, seed=0, backoff=1.0):
+        if not model:
+            raise JudgeError("--judge http needs a model: --judge-model or the JUDGE_MODEL environment variable")
+        self.url, self.model, self.key = url.rstrip("/") + "/chat/completions", model, key
+        self.timeout, self.retries, self.budget, self.workers, self.backoff = timeout, retries, budget, workers, backoff
+        self.rng, self.lock, self.name = random.Random(seed), threading.Lock(), f"http:{model}"
+        self.stats = dict(requests=0, failures=0, no_verdict=0, last_error=None)
+        self.failures_in_a_row = 0
+
+    def _post(self, prompt):
+        body = json.dumps(dict(model=self.model, messages=[dict(role="user", content=prompt)], temperature=0,
+                               max_tokens=100)).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            return json.loads(response.read().decode())["choices"][0]["message"]["content"]
+
+    def ask(self, prompt):
+        """'A' or 'B'; None when every try failed or the budget is spent."""
+        for attempt in range(self.retries + 1):
+            with self.lock:
+                if self.stats["requests"] >= self.budget:
+                    return None
+                self.stats["requests"] += 1
+            try:
+                answer = parse_verdict(self._post(prompt))
+                why = None if answer else "a reply without a verdict"
+            except urllib.error.HTTPError as e:
+                if e.code in (401, 403, 404):
+                    raise JudgeError(f"{self.url} answered {e.code} {e.reason}: check --judge-url, --judge-model and "
+                                     "--judge-key") from None
+                why = f"HTTP {e.code}"
+            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # timeouts, refused, malformed JSON
+                why = f"{type(e).__name__}: {e}"
+            with self.lock:
+                if why is None:
+                    self.failures_in_a_row = 0
+                    return answer
+                self.stats.update(failures=self.stats["failures"] + 1, last_error=why)
+                self.failures_in_a_row += 1
+                if self.failures_in_a_row >= 20:
+                    raise JudgeError(f"{self.url}: 20 requests in a row failed, the last with {why}")
+            if attempt < self.retries:
+                time.sleep(self.backoff * 2 ** attempt)
+        return None
+
+    def prompt(self, record, a, b):
+        if record.get("article"):
+            return JUDGE_PROMPT.format(kind="news article", Kind="Article", source=record["article"].strip(), a=a, b=b)
+        post = f"SUBREDDIT: r/{record.get('subreddit')}\nTITLE: {record.get('title')}\n\n{record['post'].strip()}"
+        return JUDGE_PROMPT.format(kind="forum post", Kind="Post", source=post, a=a, b=b)
+
+    def prefer(self, records, texts, baselines):
+        flips = [self.rng.random() < 0.5 for _ in texts]  # drawn up front: the order does not depend on threads
+
+        def one(i):
+            a, b = data.as_response(texts[i]), data.as_response(baselines[i])
+            if a == b:
+                return 0.5
+            answer = self.ask(self.prompt(records[i], *((b, a) if flips[i] else (a, b))))
+            return np.nan if answer is None else float((answer == "A") != flips[i])
+
+        with ThreadPoolExecutor(self.workers) as pool:
+            out = np.array(list(data.tqdm(pool.map(one, range(len(texts))), total=len(texts), leave=False,
+                                          desc=f"judge {self.model}")), dtype=float)
+        missing = int(np.isnan(out).sum())
+        if missing:
+            self.stats["no_verdict"] += missing
+            print(f"evaluate: the http judge gave no verdict on {missing} of {len(out)} pairs (budget "
+                  f"{self.stats['requests']}/{self.budget} requests used; last error: {self.stats['last_error']})")
+        return out
+
+
+def make_judge(args, run):
+    if args.judge == "gold":
+        return Gold()
+    if args.judge == "http":
+        return HTTPJudge(args.judge_url, args.judge_model, args.judge_key, args.judge_timeout, args.judge_retries,
+                         args.judge_budget, args.judge_workers, args.seed)
+    return RewardJudge(args.judge.removeprefix("rm:"), run)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# models: loading, sampling, scoring
+
+def load_model(path, run, stages):
+    ckpt = load_checkpoint(path, stage=stages)
+    if ckpt["task"] != run.task or ckpt["tokenizer"] != run.enc.name:
+        raise CheckpointError(f"{path}: a {ckpt['stage']} checkpoint of task {ckpt['task']} (tokenizer "
+                              f"{ckpt['tokenizer']}); --task {run.task} uses {run.enc.name}")
+    return model_from_checkpoint(ckpt).to(run.device).eval(), ckpt
+
+
+def policy_names(paths):
+    """Each checkpoint's file name; the folder too where two share a name (out/a/ppo.pt, out/b/ppo.pt)."""
+    stems = [Path(p).stem for p in paths]
+    return [f"{Path(p).parent.name}/{s}" if stems.count(s) > 1 else s for p, s in zip(paths, stems)]
+
+
+@torch.no_grad()
+def sample(policy, records, run, temperature, copies=1, ref=None, desc=None):
+    """`copies` summaries of each record (record-major) at a temperature. Batch b draws from its own generator,
+    seeded by (seed, b), so the samples do not depend on what else ran before. With `ref`, also each sample's
+    log-ratio summed over its tokens, log pi(y|x) - log ref(y|x) at the same temperature: the sampled KL."""
+    queries = np.repeat(data.encode_queries(records, run.enc, data.TASKS[run.task]["query_len"]), copies, axis=0)
+    pad, eos, R = data.pad_id(run.enc), run.enc.eot_token, data.TASKS[run.task]["response_len"]
+    tokens, kls = [], []
+    for b, i in enumerate(data.tqdm(range(0, len(queries), run.batch_size), desc=desc, leave=False,
+                                    disable=desc is None)):
+        q, _ = trim_padding(torch.as_tensor(queries[i:i + run.batch_size], device=run.device).long(), pad)
+        gen = torch.Generator(device=run.device).manual_seed(run.seed * 1_000_003 + b)
+        with autocast(run.device, run.dtype):
+            out, logp = policy.generate(q, (q != pad).long(), R, temperature, eos, pad, gen, return_logprobs=True)
+            if ref is not None:
+                mask = (out != pad).long()
+                ref_logp = ref.response_logprobs(out, mask, q.size(1), temperature).float()
+                kls.append(((logp - ref_logp) * mask[:, q.size(1):]).sum(1).cpu())
+        tokens.append(out[:, q.size(1):].cpu())
+    texts = data.decode_responses(run.enc, torch.cat(tokens))
+    return (texts, torch.cat(kls).numpy()) if ref is not None else texts
+
+
+@torch.no_grad()
+def summary_logprobs(model, records, texts, run):
+    """log p(summary | query) under a policy at temperature 1, summed over the summary's tokens and its EOS."""
+    spec = data.TASKS[run.task]
+    arrays = data.prepare_sft([dict(r, summary=t) for r, t in zip(records, texts)], run.enc, spec["query_len"],
+                              spec["rm_response_len"])
+    pad, out = data.pad_id(run.enc), []
+    for i in range(0, len(texts), run.batch_size):
+        q, r = data.tensors(arrays, slice(i, i + run.batch_size), ("query", "response"), run.device)
+        tokens, cut = trim_padding(torch.cat([q, r], 1), pad)
+        n_query = q.size(1) - cut
+        with autocast(run.device, run.dtype):
+            logp = model.response_logprobs(tokens, (tokens != pad).long(), n_query).float()
+        out.append((logp * (tokens[:, n_query:] != pad)).sum(1).cpu())
+    return torch.cat(out).numpy()
+
+
+def token_lengths(texts, enc):
+    return np.array([len(enc.encode_ordinary(data.as_response(t))) for t in texts])
+
+
+def source(record):
+    return record.get("article") or record["post"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the measurements
+
+def describe(texts, records, refs, judge, run, rm=None, kl=None):
+    """One row of the main table for a set of summaries of records. Returns the row and the judge's verdicts."""
+    wins = judge.prefer(records, texts, refs)
+    row = dict(preference=mean_se(wins), length=mean_se(token_lengths(texts, run.enc)),
+               rouge=data.mean_rouge(texts, refs), copying=mean_se([data.copying(t, source(r))
+                                                                    for t, r in zip(texts, records)]))
+    if isinstance(judge, Gold):
+        row["gold"] = judge.axes(records, texts)
+    if rm is not None:
+        row["rm_score"] = mean_se(data.score_summaries(rm, records, texts, run.enc, run.task, run.batch_size,
+                                                       run.device, run.dtype))
+    if kl is not None:
+        row["kl"] = mean_se(kl)
+    return row, wins
+
+
+def best_of_n(sft, rm, records, refs, judge, run, max_n, temperature):
+    """Figure 7: max_n SFT samples per post, once; for N = 1, 2, 4, ... the pick among the first N by the RM or by
+    ROUGE-L against the reference, judged against the reference. KL is the best-of-N formula."""
+    texts = sample(sft, records, run, temperature, copies=max_n, desc=f"best-of-{max_n}: sampling")
+    many = [r for r in records for _ in range(max_n)]
+    scores = dict(rm=data.score_summaries(rm, many, texts, run.enc, run.task, run.batch_size, run.device, run.dtype),
+                  rouge=np.array([data.rouge(t, ref)["rougeL"] for t, ref in zip(texts, np.repeat(refs, max_n))]))
+    texts = np.array(texts, dtype=object).reshape(len(records), max_n)
+    rm_scores = scores["rm"].reshape(len(records), max_n)
+    curves, rows = {}, np.arange(len(records))
+    for name, s in scores.items():
+        s = s.reshape(len(records), max_n)
+        curves[name], n = [], 1
+        while n <= max_n:
+            pick = s[:, :n].argmax(1)
+            chosen = list(texts[rows, pick])
+            curves[name].append(dict(n=n, kl=bon_kl(n), preference=mean_se(judge.prefer(records, chosen, refs)),
+                                     rm_score=mean_se(rm_scores[rows, pick]),
+                                     rougeL=float(np.mean([data.rouge(t, f)["rougeL"] for t, f in zip(chosen, refs)])),
+                                     length=mean_se(token_lengths(chosen, run.enc))))
+            n *= 2
+    return curves
+
+
+def held_out_comparisons(args):
+    """The comparisons of the RM analysis: never trained on (valid1/valid2), TL;DR posts and CNN/DM articles."""
+    if args.comparisons:
+        files = args.comparisons
+    elif args.task == "synth":
+        files = [Path(args.out_dir) / "comparisons" / "synth_valid.json"]
+    else:
+        files = sorted((Path(args.data_dir) / "comparisons").glob("*.json"))
+    files = [f for f in files if Path(f).is_file()]
+    if not files:
+        return []
+    comps = [c for c in data.read_comparisons(files) if c["split"] != "train"]
+    if any(str(c["id"]).startswith(synth.WORLD + "_") != (args.task == "synth") for c in comps):
+        raise data.DataError(f"{[str(f) for f in files]}: comparisons of another task than --task {args.task}")
+    return comps[:args.analysis_n]
+
+
+def reference_texts(task, data_dir):
+    """id -> reference summary, from whichever splits of the task are on disk (for ROUGE in the RM analysis)."""
+    refs = {}
+    for split in ("train", "valid", "test", "transfer"):
+        try:
+            refs.update((r["id"], data.as_response(r["summary"])) for r in data.load_split(task, split, data_dir))
+        except data.DataError:
+            pass
+    return refs
+
+
+def rm_analysis(comps, rm, rm_ckpt, sft, refs_by_id, run, judge):
+    """Section 4.4: agreement with the labelers' choices of the RM and of simple metrics, on the same held-out
+    pairs. For synth also the labelers' agreement with each other there (the ceiling), and the length bias: how
+    often the RM, the labelers and the gold rubric prefer the longer summary."""
+    s0, s1 = [c["summaries"][0] for c in comps], [c["summaries"][1] for c in comps]
+    choice = np.array([c["choice"] for c in comps])
+    refs = [refs_by_id.get(c["id"]) for c in comps]
+    rouge = lambda texts: np.array([data.rouge(t, f)["rougeL"] if f else np.nan for t, f in zip(texts, refs)])  # noqa
+    length = token_lengths(s1, run.enc) - token_lengths(s0, run.enc)
+    diffs = {"ROUGE-L": rouge(s1) - rouge(s0), "length": length,
+             "copying": np.array([data.copying(b, source(c)) - data.copying(a, source(c))
+                                  for a, b, c in zip(s0, s1, comps)])}
+    if rm is not None:
+        score = lambda texts: data.score_summaries(rm, comps, texts, run.enc, run.task, run.batch_size,  # noqa
+                                                   run.device, run.dtype)
+        diffs["reward model"] = score(s1) - score(s0)
+    if sft is not None:
+        diffs["log-prob under SFT"] = summary_logprobs(sft, comps, s1, run) - summary_logprobs(sft, comps, s0, run)
+    out = dict(n=len(comps), agreement={k: agreement(d, choice) for k, d in diffs.items()})
+    longer = np.sign(length) != 0
+    out["prefers_longer"] = dict(labelers=mean_se(((choice == 1) == (length > 0))[longer]), n=int(longer.sum()))
+    if rm is not None:
+        out["prefers_longer"]["reward model"] = mean_se(((diffs["reward model"] > 0) == (length > 0))[longer])
+    if run.task == "synth":
+        rm_args = rm_ckpt["args"] if rm_ckpt else {}
+        labelers = synth.make_labelers(rm_args.get("labelers", 10), seed=rm_args.get("seed", 0))
+        p, se = synth.second_opinion_agreement(comps, labelers, random.Random(run.seed))
+        out["agreement"]["labelers (second opinion)"] = dict(mean=p, stderr=se, n=len(comps))
+        gold = Gold().prefer(comps, s1, s0)
+        out["agreement"]["gold rubric"] = agreement(gold - 0.5, choice)
+        out["prefers_longer"]["gold rubric"] = mean_se(np.where(length > 0, gold, 1 - gold)[longer])
+    return out
+
+
+def probes(records, rm, run):
+    """Section 4.3 in miniature: the RM and the gold rubric on a perfect summary against one edit of it. Returns
+    {edit: {rm_prefers_original, gold_prefers_original, rm_drop}}; 'longer' is the length bias (gold is indifferent
+    to the long form within its budget: a length-biased RM prefers it)."""
+    rng = random.Random(run.seed)
+    perfect = [synth.perfect_summary(r) for r in records]
+    score = lambda texts: data.score_summaries(rm, records, texts, run.enc, run.task, run.batch_size,  # noqa
+                                               run.device, run.dtype)
+    base, gold = score(perfect), Gold()
+    out = {}
+    for kind in synth.PERTURBATIONS:
+        edited = [synth.perturb_summary(r, kind, rng) for r in records]
+        r_edit = score(edited)
+        out[kind] = dict(rm_prefers_original=mean_se(verdicts(base, r_edit)),
+                         gold_prefers_original=mean_se(gold.prefer(records, perfect, edited)),
+                         rm_drop=mean_se(base - r_edit))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# outputs
+
+def samples_page(results, records, texts, lengths, wins, show):
+    """Markdown a person can skim: each post, its reference and every policy's summary with the judge's verdict."""
+    lines = [f"# Samples: {results['task']} {results['data']}, judge {results['judge']}", "",
+             "Summaries at temperature 0. Verdict: the judge's preference of the summary over the reference (1 win, "
+             "0.5 tie, 0 loss).", ""]
+    for i, rec in enumerate(records[:show]):
+        head = rec.get("title") or rec.get("id")
+        lines += [f"## {i + 1}. {head}", ""]
+        lines += ["> " + line if line else ">" for line in source(rec).strip().splitlines()]
+        lines.append("")
+        for name, t in texts.items():
+            verdict = "" if name == "reference" else f", verdict {wins[name][i]:g}"
+            lines.append(f"- **{name}** ({lengths[name][i]} tokens{verdict}):{t[i]}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def print_table(results):
+    cols = "policy", "pref vs ref", "len-ctrl", "tokens", "R-1/R-2/R-L", "copy", "KL", "RM"
+    print(f"evaluate: {results['task']} {results['data']}, {results['n']} posts, judge {results['judge']}")
+    print(f"{cols[0]:<14}{cols[1]:>14}{cols[2]:>10}{cols[3]:>8}{cols[4]:>16}{cols[5]:>7}{cols[6]:>7}{cols[7]:>8}")
+    fmt = lambda m, f: "-" if m is None or m.get("mean") is None else format(m["mean"], f)  # noqa: E731
+    for name, row in results["policies"].items():
+        p, r = row["preference"], row["rouge"]
+        lc = results["length_controlled"]["preference"].get(name)
+        print(f"{name:<14}{100 * p['mean']:>8.1f} +-{100 * p['stderr']:4.1f}"
+              f"{'-' if lc is None else format(100 * lc, '.1f'):>10}{row['length']['mean']:>8.1f}"
+              f"{r['rouge1']:>8.2f}/{r['rouge2']:.2f}/{r['rougeL']:.2f}{row['copying']['mean']:>7.2f}"
+              f"{fmt(row.get('kl'), '.2f'):>7}{fmt(row.get('rm_score'), '.2f'):>8}")
+
+
+def plot(results, out):
+    """PNG figures when matplotlib is installed (it never becomes a requirement). Returns the files written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("evaluate: matplotlib is not installed; no plots (pip install matplotlib to get them)")
+        return []
+    written, judge = [], results["judge"]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    names = list(results["policies"])
+    pref = [results["policies"][n]["preference"] for n in names]
+    ax.bar(names, [100 * p["mean"] for p in pref], yerr=[100 * p["stderr"] for p in pref], color="#8da0cb")
+    lc = results["length_controlled"]["preference"]
+    ax.plot([n for n in names if n in lc], [100 * lc[n] for n in names if n in lc], "kD", label="length-controlled")
+    ax.axhline(50, color="gray", lw=0.8, ls="--")
+    ax.set(ylabel=f"preferred over reference (%)\njudge {judge}", title="Figure 1 in miniature")
+    ax.legend(loc="lower right", fontsize=8)
+    written.append(out / "eval_preference.png")
+    fig.tight_layout()
+    fig.savefig(written[-1], dpi=120)
+    curves = [("sweep", "eval_overoptimization.png", "Figure 5: over-optimization"),
+              ("best_of_n", "eval_best_of_n.png", "Figure 7: best-of-N")]
+    for key, name, title in curves:
+        if not results.get(key):
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        series = results[key].items() if key == "best_of_n" else [("PPO checkpoints", results[key])]
+        for label, rows in series:
+            kl = [r["kl"] if key == "best_of_n" else r["kl"]["mean"] for r in rows]
+            ax.errorbar(kl, [100 * r["preference"]["mean"] for r in rows], marker="o", label=f"{label}: {judge}",
+                        yerr=[100 * r["preference"]["stderr"] for r in rows], capsize=2)
+        ax.set(xlabel="KL to the SFT policy (nats)", ylabel="preferred over reference (%)", title=title)
+        if all(r.get("rm_score") for _, rows in series for r in rows):
+            twin = ax.twinx()
+            for label, rows in series:
+                kl = [r["kl"] if key == "best_of_n" else r["kl"]["mean"] for r in rows]
+                twin.plot(kl, [r["rm_score"]["mean"] for r in rows], ls=":", marker=".", label=f"{label}: RM score")
+            twin.set_ylabel("reward model score")
+            twin.legend(loc="lower right", fontsize=7)
+        ax.legend(loc="upper left", fontsize=7)
+        written.append(out / name)
+        fig.tight_layout()
+        fig.savefig(written[-1], dpi=120)
+    plt.close("all")
+    return written
+
+
+def write_text(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(args.device)
+    run = Run(args.task, data.get_tokenizer(data.TASKS[args.task]["tokenizer"]), args.batch_size, device,
+              pick_dtype(device, args.dtype), args.seed)
+    torch.manual_seed(args.seed)
+    records = data.load_split(args.task, args.data, args.data_dir)[:args.n]
+    refs = [data.as_response(r["summary"]) for r in records]
+    sft = load_model(args.sft, run, "sft")[0] if Path(args.sft).is_file() else None
+    rm, rm_ckpt = load_model(args.reward, run, "reward") if Path(args.reward).is_file() else (None, None)
+    for missing, path, what in ((sft is None, args.sft, "KL, best-of-N and SFT log-probabilities"),
+                                (rm is None, args.reward, "RM scores, best-of-N and the RM analysis")):
+        if missing:
+            print(f"evaluate: no checkpoint at {path}: {what} skipped")
+    judge = make_judge(args, run)
+    results = dict(task=args.task, data=args.data, n=len(records), judge=judge.name, policies={})
+    print(f"evaluate: {len(args.policies)} policies on {len(records)} {args.data} posts of {args.task}, judge "
+          f"{judge.name}, {device} {run.dtype}")
+
+    def measure(path, name):
+        """Temperature-0 summaries of the evaluation posts and the main table's row of one checkpoint."""
+        policy, ckpt = load_model(path, run, ("sft", "ppo"))
+        texts = data.summarize(policy, records, run.enc, args.task, 0.0, args.batch_size, device, run.dtype,
+                               desc=f"{name}: summarizing")
+        kl = sample(policy, records, run, args.kl_temperature, ref=sft, desc=f"{name}: KL")[1] if sft else None
+        row, wins = describe(texts, records, refs, judge, run, rm, kl)
+        return dict(path=str(path), stage=ckpt["stage"], step=ckpt["step"], **row), texts, wins
+
+    # the main table (figure 1): the references, then each policy
+    texts, wins, lengths = {"reference": refs}, {}, {"reference": token_lengths(refs, run.enc)}
+    results["policies"]["reference"], wins["reference"] = describe(refs, records, refs, judge, run, rm)
+    for name, path in zip(policy_names(args.policies), args.policies):
+        results["policies"][name], texts[name], wins[name] = measure(path, name)
+        lengths[name] = token_lengths(texts[name], run.enc)
+    log_ratio = {n: np.log(np.maximum(lengths[n], 1) / np.maximum(lengths["reference"], 1)) for n in wins}
+    lc, slope = length_controlled({n: w for n, w in wins.items() if n != "reference"}, log_ratio)
+    results["length_controlled"] = dict(preference=lc, slope_per_log_length_ratio=slope)
+
+    if args.sweep:  # figure 5: one run's checkpoints or several betas, against their KL to SFT
+        if sft is None:
+            raise CheckpointError(f"--sweep needs the SFT policy to measure KL: {args.sft} does not exist")
+        points = [args.sft] + [p for p in args.sweep if Path(p).resolve() != Path(args.sft).resolve()]
+        results["sweep"] = sorted(({k: v for k, v in measure(p, n)[0].items() if k not in ("rouge", "copying")}
+                                   | dict(name=n) for n, p in zip(policy_names(points), points)),
+                                  key=lambda r: r["kl"]["mean"])
+    if args.max_n and sft is not None and rm is not None:  # figure 7
+        n_bon = min(args.bon_posts, len(records))
+        results["best_of_n"] = best_of_n(sft, rm, records[:n_bon], refs[:n_bon], judge, run, args.max_n,
+                                         args.bon_temperature)
+    comps = held_out_comparisons(args)
+    if comps:  # section 4.4
+        results["rm_analysis"] = rm_analysis(comps, rm, rm_ckpt, sft, reference_texts(args.task, args.data_dir), run,
+                                             judge)
+    if args.task == "synth" and rm is not None:  # section 4.3
+        results["probes"] = probes(records, rm, run)
+    if isinstance(judge, HTTPJudge):
+        results["judge_stats"] = judge.stats
+    results["args"] = {k: v for k, v in vars(args).items() if k != "judge_key"}
+    results["minutes"] = (time.time() - t_start) / 60
+
+    write_text(out / "eval.json", json.dumps(results, indent=1) + "\n")
+    write_text(out / "eval_samples.md", samples_page(results, records, texts, lengths, wins, args.show))
+    pictures = [] if args.no_plots else plot(results, out)
+    report(results)
+    print(f"evaluate: wrote {out / 'eval.json'}, {out / 'eval_samples.md'}"
+          + "".join(f", {p}" for p in pictures) + f" in {results['minutes']:.1f} min")
+
+
+def report(results):
+    print_table(results)
+    pct = lambda m: f"{100 * m['mean']:.1f} +- {100 * m['stderr']:.1f}"  # noqa: E731
+    for row in results.get("sweep", []):
+        print(f"  sweep {row['name']:<14} KL {row['kl']['mean']:6.2f} | preferred {pct(row['preference'])}"
+              + (f" | RM {row['rm_score']['mean']:.2f}" if row.get("rm_score") else ""))
+    for scorer, rows in results.get("best_of_n", {}).items():
+        print(f"  best-of-N by {scorer:<6}" + " | ".join(f"N={r['n']} {100 * r['preference']['mean']:.1f}"
+                                                        for r in rows))
+    if "rm_analysis" in results:
+        a = results["rm_analysis"]
+        print(f"  agreement with held-out labeler choices (n={a['n']}): "
+              + ", ".join(f"{k} {pct(v)}" for k, v in a["agreement"].items()))
+        print("  prefers the longer summary: " + ", ".join(f"{k} {pct(v)}" for k, v in a["prefers_longer"].items()
+                                                            if k != "n"))
+    if "probes" in results:
+        print("  RM / gold prefer the perfect summary to its edit: " + ", ".join(
+            f"{k} {100 * v['rm_prefers_original']['mean']:.0f}/{100 * v['gold_prefers_original']['mean']:.0f}"
+            for k, v in results["probes"].items()))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, CheckpointError, JudgeError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"evaluate.py: error: {e}")
