@@ -23,6 +23,7 @@ Writes <out>/ppo.pt (the policy), <out>/ppo_step<N>.pt every --save-every update
 """
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -32,8 +33,9 @@ import numpy as np
 import torch
 
 import data
-from model import (CheckpointError, add_run_args, autocast, configure_optimizers, load_checkpoint,
-                   load_resume_state, model_from_checkpoint, paper_lr, pick_device, pick_dtype, save_checkpoint,
+import distributed
+from model import (GPT, CheckpointError, add_run_args, autocast, configure_optimizers, load_checkpoint,
+                   load_resume_state, model_from_checkpoint, paper_lr, pick_dtype, save_checkpoint,
                    save_resume_state, trim_padding)
 
 # tldr follows the paper and Huang et al. (2024): 512 episodes per update, 4 epochs, ~1M episodes, lr by model size.
@@ -49,15 +51,20 @@ DEFAULTS = {
 # ---------------------------------------------------------------------------------------------------------------------
 # the RLHF math: small pure functions, each tested against a hand-computed example
 
-def masked_mean(x, mask):
-    """Mean of x over the positions where mask is 1 (same shapes)."""
+def masked_mean(x, mask, across_ranks=False):
+    """Mean of x over the positions where mask is 1 (same shapes). across_ranks: over the positions of every
+    process under torchrun, as if their batches were one."""
+    if across_ranks:
+        total = distributed.all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]))
+        return total[0] / total[1]
     return (x * mask).sum() / mask.sum()
 
 
-def masked_whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over the masked positions; masked-out positions come back 0."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_whiten(x, mask, eps=1e-8, across_ranks=False):
+    """(x - mean) / std over the masked positions (of every process, across_ranks); masked-out positions come back
+    0."""
+    mean = masked_mean(x, mask, across_ranks)
+    var = masked_mean((x - mean) ** 2, mask, across_ranks)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -119,10 +126,11 @@ class AdaptiveKL:
         return self.beta
 
 
-def explained_variance(values, returns, mask):
-    var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+def explained_variance(values, returns, mask, across_ranks=False):
+    mean = lambda x: masked_mean(x, mask, across_ranks)  # noqa: E731
+    var = mean((returns - mean(returns)) ** 2)
     diff = returns - values
-    return float(1 - masked_mean((diff - masked_mean(diff, mask)) ** 2, mask) / var)
+    return float(1 - mean((diff - mean(diff)) ** 2) / var)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -142,10 +150,12 @@ def parse_args(argv=None):
                    "forward too")
     # PPO
     p.add_argument("--episodes", type=int, help="responses sampled in all (tldr: 1M, the paper's; synth: 3,200)")
-    p.add_argument("--rollout-batch-size", type=int, help="responses per update (tldr: 512)")
-    p.add_argument("--minibatch-size", type=int, help="responses per optimizer step within an update")
-    p.add_argument("--micro-batch-size", type=int, help="responses per forward pass (sampling, scoring, training): "
-                   "lower it to fit memory; it never changes the result")
+    p.add_argument("--rollout-batch-size", type=int, help="responses per update, over all processes under torchrun "
+                   "(tldr: 512)")
+    p.add_argument("--minibatch-size", type=int, help="responses per optimizer step within an update, over all "
+                   "processes")
+    p.add_argument("--micro-batch-size", type=int, help="responses per forward pass in each process (sampling, "
+                   "scoring, training): lower it to fit memory; it never changes the result")
     p.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout batch")
     p.add_argument("--lr", type=float, help="peak learning rate, decayed linearly to 0. tldr default: the paper's "
                    "PPO rates (1.5e-5 at 1.3B, 7e-6 at 6.7B) extrapolated to the model size (4.5e-5 for 124M); "
@@ -169,12 +179,19 @@ def parse_args(argv=None):
         a, b = getattr(args, big.replace("-", "_")), getattr(args, small.replace("-", "_"))
         if a % min(a, b):
             p.error(f"--{big} {a} is not a multiple of --{small} {b}")
-    if args.minibatch_size % min(args.minibatch_size, args.micro_batch_size):
-        p.error(f"--minibatch-size {args.minibatch_size} is not a multiple of --micro-batch-size "
-                f"{args.micro_batch_size}")
+    # Under torchrun each process takes an equal share of every rollout batch and minibatch.
+    world = distributed.world_size()
+    if args.minibatch_size % world:
+        p.error(f"--minibatch-size {args.minibatch_size} is not a multiple of the {world} processes")
+    per_process = args.minibatch_size // world
+    distributed.check_batch(p, "minibatch-size", args.minibatch_size, "micro-batch-size",
+                            min(per_process, args.micro_batch_size))
     # Rollout and training forwards use the same micro-batches (that is what makes the first ratio exactly 1), so
     # a micro-batch never spans two minibatches.
-    args.micro_batch_size = min(args.micro_batch_size, args.minibatch_size)
+    args.micro_batch_size = min(args.micro_batch_size, per_process)
+    if world > 1:
+        distributed.check_batch(p, "rollout-batch-size", args.rollout_batch_size, "micro-batch-size",
+                                args.micro_batch_size)
     return args
 
 
@@ -206,7 +223,7 @@ def main(argv=None):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    device = distributed.setup(args.device)  # the process group too, under torchrun
     dtype = pick_dtype(device, args.dtype)
     task = data.TASKS[args.task]
     enc = data.get_tokenizer(task["tokenizer"])
@@ -215,31 +232,43 @@ def main(argv=None):
     policy, ref, value, rm = build_models(args, enc, device)
     args.lr = args.lr or paper_lr("ppo", policy.num_params())
     optimizer = configure_optimizers(torch.nn.ModuleList([policy, value]), args.lr, device_type=device.type)
+    # Training forwards go through DDP under torchrun, which averages the gradients of policy and value.
+    train_policy, train_value = distributed.wrap(policy, device), distributed.wrap(value, device)
     kl_ctl = AdaptiveKL(args.beta, args.target_kl, args.kl_horizon) if args.target_kl else None
 
     # prompts: the SFT training posts, reshuffled every pass; fixed validation posts for the periodic samples
     train_records = data.load_split(args.task, "train", args.data_dir)
-    queries = data.prepare_sft(train_records, enc, task["query_len"], R, args.cache_dir)["query"]
+    with distributed.main_first():  # rank 0 writes the tokenized cache, the others read it
+        queries = data.prepare_sft(train_records, enc, task["query_len"], R, args.cache_dir)["query"]
     valid_records = data.load_split(args.task, "valid", args.data_dir)[:args.eval_n]
     n_updates = args.episodes // args.rollout_batch_size
     update, log_mode = 0, "w"
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    rank, world = distributed.rank(), distributed.world_size()
+    gen = torch.Generator(device=device).manual_seed(args.seed + rank)  # each process samples its own responses
     resume_path = out / "ppo.resume.pt"
     if args.resume:
         state = load_resume_state(resume_path, policy, optimizer, "ppo")
         value.load_state_dict(state["value"])
-        gen.set_state(state["generator"])
+        generators = state.get("generators", [state["generator"]])  # one per process under torchrun
+        if len(generators) == world:
+            gen.set_state(generators[rank])
+        else:  # another number of processes than before: fresh streams, distinct per process and update
+            gen.manual_seed(args.seed + rank + 1000 * state["step"])
         update, log_mode = state["step"], "a"
         if kl_ctl:
             kl_ctl.beta = state["beta"]
     print(f"ppo: {args.task}, policy {policy.num_params():,} parameters, {n_updates} updates of "
           f"{args.rollout_batch_size} episodes, lr {args.lr:.2e}, beta {args.beta}"
-          + (f" (adaptive, target KL {args.target_kl})" if kl_ctl else "") + f", {device} {dtype}")
+          + (f" (adaptive, target KL {args.target_kl})" if kl_ctl else "") + f", {device} {dtype}"
+          + (f", {world} processes" if world > 1 else ""))
 
     def evaluate():
-        """Temperature-0 summaries of the fixed validation posts; for synth the gold preference over references."""
+        """Temperature-0 summaries of the fixed validation posts; for synth the gold preference over references.
+        Under torchrun each process summarizes its shard of the posts and every process gets all the summaries."""
         policy.eval()
-        texts = data.summarize(policy, valid_records, enc, args.task, 0.0, args.micro_batch_size, device, dtype)
+        mine = valid_records[distributed.shard(len(valid_records))]
+        texts = distributed.gather(data.summarize(policy, mine, enc, args.task, 0.0, args.micro_batch_size, device,
+                                                  dtype))
         policy.train()
         row = dict(samples=[dict(reference=data.as_response(r["summary"]), policy=t)
                             for r, t in zip(valid_records[:3], texts)])
@@ -249,14 +278,18 @@ def main(argv=None):
         return row
 
     def save(path, resume_state=False):
+        """Rank 0 writes; every process calls this, since the resume state gathers each one's sampling generator."""
         meta = dict(stage="ppo", task=args.task, tokenizer=enc.name, args=args, step=update)
-        if resume_state:  # plus what PPO adds: the value network, the sampling generator, the adaptive beta
-            save_resume_state(path, policy, optimizer, value=value.state_dict(), generator=gen.get_state(),
-                              beta=kl_ctl.beta if kl_ctl else args.beta, **meta)
-        else:
+        if resume_state:  # plus what PPO adds: the value network, the sampling generator(s), the adaptive beta
+            generators = distributed.gather([gen.get_state()])  # each process's own stream, to resume it
+            extra = dict(generators=generators) if world > 1 else {}
+            if distributed.is_main():
+                save_resume_state(path, policy, optimizer, value=value.state_dict(), generator=gen.get_state(),
+                                  beta=kl_ctl.beta if kl_ctl else args.beta, **extra, **meta)
+        elif distributed.is_main():
             save_checkpoint(path, policy, **meta)
 
-    log = open(out / "ppo.log.jsonl", log_mode)
+    log = open(out / "ppo.log.jsonl" if distributed.is_main() else os.devnull, log_mode)  # rank 0 logs
     t_start = time.time()
     if update == 0:  # the starting point, on the same posts as every later evaluation: the SFT policy itself
         start = evaluate()
@@ -272,12 +305,13 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = data.batch_indices(len(queries), args.rollout_batch_size, update, args.seed)
-        q_all = torch.as_tensor(queries[idx], device=device).long()
+        mine = idx[distributed.shard(len(idx))]  # this process's share of the rollout batch
+        q_all = torch.as_tensor(queries[mine], device=device).long()
 
         # rollout: sample, then score everything with no gradient, in micro-batches
         with torch.no_grad():
             rollout = []
-            for mb in micro_batches(len(idx), args.micro_batch_size):
+            for mb in micro_batches(len(mine), args.micro_batch_size):
                 q, _ = trim_padding(q_all[mb], pad)
                 policy.eval()
                 with autocast(device, dtype):
@@ -300,26 +334,31 @@ def main(argv=None):
                                                                       "resp_mask"))
         rewards, kl = shape_rewards(score, logp, ref_logp, resp_mask, beta)
         advantages, returns = gae(rewards, values, resp_mask, args.gamma, args.lam)
-        advantages = masked_whiten(advantages, resp_mask)
+        advantages = masked_whiten(advantages, resp_mask, across_ranks=True)  # statistics of the global batch
         for i, r in enumerate(rollout):  # the per-token targets travel with their micro-batch
-            rows = micro_batches(len(idx), args.micro_batch_size)[i]
+            rows = micro_batches(len(mine), args.micro_batch_size)[i]
             r.update(advantages=advantages[rows], returns=returns[rows])
 
         # PPO epochs. The first epoch goes through the micro-batches in rollout order, so its first minibatch
-        # recomputes exactly the rollout's log-probs (ratio 1); later epochs shuffle.
+        # recomputes exactly the rollout's log-probs (ratio 1); later epochs shuffle. Under torchrun every process
+        # draws the same order of its own micro-batches, and a minibatch is one slice of that order on each.
         stats, first_ratio = [], None
-        micro_per_mini = max(1, args.minibatch_size // args.micro_batch_size)
+        micro_per_mini = max(1, args.minibatch_size // world // args.micro_batch_size)
         order = list(range(len(rollout)))
         for epoch in range(args.ppo_epochs):
             if epoch:
                 order = np.random.default_rng([args.seed, update, epoch]).permutation(len(rollout)).tolist()
             for start in range(0, len(order), micro_per_mini):
-                for i in order[start:start + micro_per_mini]:
+                minibatch = order[start:start + micro_per_mini]
+                for i in minibatch:
                     r = rollout[i]
-                    with autocast(device, dtype):
-                        new_logp, entropy = policy.response_logprobs(r["tokens"], r["mask"], r["n_query"],
-                                                                     args.temperature, with_entropy=True)
-                        vpred = value(r["tokens"], r["mask"], head_from=r["n_query"] - 1)[:, :-1].float()
+                    skip = i != minibatch[-1]  # DDP averages the gradients once per minibatch, after its last part
+                    with (distributed.no_sync(train_policy, skip), distributed.no_sync(train_value, skip),
+                          autocast(device, dtype)):
+                        # GPT's method with the DDP wrapper as `self`, so that its forward runs through DDP
+                        new_logp, entropy = GPT.response_logprobs(train_policy, r["tokens"], r["mask"], r["n_query"],
+                                                                  args.temperature, with_entropy=True)
+                        vpred = train_value(r["tokens"], r["mask"], head_from=r["n_query"] - 1)[:, :-1].float()
                     pg, clipfrac, approx_kl = policy_loss(new_logp, r["logp"], r["advantages"], r["resp_mask"],
                                                           args.clip)
                     vf, vf_clipfrac = value_loss(vpred, r["values"], r["returns"], r["resp_mask"], args.clip_value)
@@ -346,9 +385,15 @@ def main(argv=None):
                    entropy=entropy, approx_kl=approx_kl, first_minibatch_approx_kl=first_ratio["approx_kl"],
                    first_minibatch_ratio_dev=first_ratio["ratio_max_dev"], clipfrac=clipfrac, policy_loss=pg,
                    value_loss=vf, value_clipfrac=vf_clipfrac,
-                   explained_variance=explained_variance(values, returns, resp_mask),
+                   explained_variance=explained_variance(values, returns, resp_mask, across_ranks=True),
                    length=resp_mask.sum(1).mean().item(), eos_fraction=cat("has_eos").float().mean().item(), lr=lr,
                    episodes_per_s=len(idx) / (time.time() - t0), elapsed=time.time() - t_start)
+        # Under torchrun each process measured its equal share of the batch: the average is the batch's mean. Every
+        # process gets it, so the adaptive beta stays the same everywhere.
+        shared = ("score", "rlhf_reward", "kl", "entropy", "approx_kl", "first_minibatch_approx_kl",
+                  "first_minibatch_ratio_dev", "clipfrac", "policy_loss", "value_loss", "value_clipfrac", "length",
+                  "eos_fraction")
+        row.update(zip(shared, distributed.mean_over_ranks([row[k] for k in shared])))
         if kl_ctl:
             kl_ctl.update(row["kl"], args.rollout_batch_size)
         if update % args.eval_every == 0 or update == n_updates:
@@ -356,8 +401,8 @@ def main(argv=None):
         log.write(json.dumps(row) + "\n")
         log.flush()
         print(f"update {update}/{n_updates} | score {row['score']:.3f} | kl {row['kl']:.2f} | reward "
-              f"{row['rlhf_reward']:.3f} | entropy {entropy:.2f} | approx-kl {approx_kl:.4f} (first "
-              f"{row['first_minibatch_approx_kl']:.1e}) | clip {clipfrac:.3f} | vf {vf:.3f} ev "
+              f"{row['rlhf_reward']:.3f} | entropy {row['entropy']:.2f} | approx-kl {row['approx_kl']:.4f} (first "
+              f"{row['first_minibatch_approx_kl']:.1e}) | clip {row['clipfrac']:.3f} | vf {row['value_loss']:.3f} ev "
               f"{row['explained_variance']:.2f} | len {row['length']:.1f} eos {row['eos_fraction']:.2f} | "
               f"{row['episodes_per_s']:.0f} ep/s" + (f" | gold {row['gold_win_rate']:.3f}"
                                                      if "gold_win_rate" in row else ""))
@@ -373,6 +418,8 @@ def main(argv=None):
     log.close()
 
     final = evaluate()
+    if not distributed.is_main():
+        return  # the metrics and files are rank 0's
     first = json.loads((out / "ppo.log.jsonl").read_text().splitlines()[0])
     if "gold_win_rate" in first:
         final["sft_gold_win_rate"] = first["gold_win_rate"]

@@ -15,6 +15,7 @@ each with its standard error) and <out>/reward.log.jsonl; for synth also <out>/c
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -25,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 import data
+import distributed
 import synth
-from model import (CheckpointError, add_run_args, autocast, configure_optimizers, cosine_lr, load_checkpoint,
-                   load_resume_state, model_from_checkpoint, paper_lr, pick_device, pick_dtype, save_checkpoint,
+from model import (GPT, CheckpointError, add_run_args, autocast, configure_optimizers, cosine_lr, load_checkpoint,
+                   load_resume_state, model_from_checkpoint, paper_lr, pick_dtype, save_checkpoint,
                    save_resume_state, trim_padding)
 
 DEFAULTS = {
@@ -54,8 +56,10 @@ def parse_args(argv=None):
     p.add_argument("--ref-fraction", type=float, default=0.25, help="synth: fraction of pairs with the reference")
     p.add_argument("--labelers", type=int, default=10, help="synth: simulated labelers")
     # optimization
-    p.add_argument("--batch-size", type=int, help="comparisons per optimizer step (the paper: 64)")
-    p.add_argument("--micro-batch-size", type=int, help="comparisons per forward/backward (lower it to fit memory)")
+    p.add_argument("--batch-size", type=int, help="comparisons per optimizer step, over all processes under torchrun "
+                   "(the paper: 64)")
+    p.add_argument("--micro-batch-size", type=int, help="comparisons per forward/backward in each process (lower it "
+                   "to fit memory)")
     p.add_argument("--lr", type=float, help="peak learning rate. tldr default: the paper's RM rates (1.5e-5 at "
                    "1.3B, 5e-6 at 6.7B) extrapolated by their power law to the model size (7.2e-5 for 124M, 1.4e-5 "
                    "for 1.5B); synth: 1.5e-3")
@@ -73,9 +77,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     data.fill_task_defaults(args, DEFAULTS)
     args.sft = args.sft or str(Path(args.out_dir) / "sft.pt")
-    args.micro_batch_size = args.micro_batch_size or args.batch_size  # synth: the whole batch in one pass
-    if args.batch_size % args.micro_batch_size:
-        p.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")
+    # synth: each process's share of the batch in one pass
+    args.micro_batch_size = args.micro_batch_size or max(1, args.batch_size // distributed.world_size())
+    distributed.check_batch(p, "batch-size", args.batch_size, "micro-batch-size", args.micro_batch_size)
     return args
 
 
@@ -84,7 +88,8 @@ def pair_rewards(rm, query, response0, response1, pad):
     is read at the response's EOS, the last real token (model.GPT.reward)."""
     tokens = torch.cat([torch.cat([query, response0], 1), torch.cat([query, response1], 1)])
     tokens, _ = trim_padding(tokens, pad)
-    r = rm.reward(tokens, (tokens != pad).long())
+    # GPT.reward with rm as `self`: when rm is wrapped (DDP, torch.compile), its forward runs through the wrapper.
+    r = GPT.reward(rm, tokens, (tokens != pad).long())
     return r.chunk(2)
 
 
@@ -154,8 +159,10 @@ def load_comparisons(args, enc, sft_ckpt, device, dtype):
     else:
         folder = Path(args.out_dir) / "comparisons"
         files = [folder / "synth_train.json", folder / "synth_valid.json"]
-        if args.collect or not all(f.exists() for f in files):
+        # Under torchrun rank 0 collects alone (sampling and labeling stay those of one process); the others wait.
+        if distributed.is_main() and (args.collect or not all(f.exists() for f in files)):
             collect_synth(args, enc, sft_ckpt, files, device, dtype)
+        distributed.barrier()
     records = data.read_comparisons(files)
     synthetic = [str(r["id"]).startswith(synth.WORLD + "_") for r in records]
     if args.task == "synth" and not all(synthetic):
@@ -188,7 +195,7 @@ def main(argv=None):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    device = distributed.setup(args.device)  # the process group too, under torchrun
     dtype = pick_dtype(device, args.dtype)
     task = data.TASKS[args.task]
     enc = data.get_tokenizer(task["tokenizer"])
@@ -202,7 +209,8 @@ def main(argv=None):
 
     # data
     records = load_comparisons(args, enc, sft_ckpt, device, dtype)
-    arrays = data.prepare_comparisons(records, enc, task["query_len"], task["rm_response_len"], args.cache_dir)
+    with distributed.main_first():
+        arrays = data.prepare_comparisons(records, enc, task["query_len"], task["rm_response_len"], args.cache_dir)
     split = arrays["split"]
     train_rows = np.flatnonzero((split == "train") & ~arrays["is_cnndm"])
     eval_rows = np.flatnonzero(split != "train")  # valid1, valid2; TL;DR and CNN/DM (never trained on)
@@ -210,7 +218,8 @@ def main(argv=None):
     if len(train_rows) < args.batch_size or not len(eval_rows):
         raise data.DataError(f"{len(train_rows)} training and {len(eval_rows)} held-out comparisons: too few")
     total_steps = int(args.epochs * len(train_rows)) // args.batch_size
-    accum = args.batch_size // args.micro_batch_size
+    world = distributed.world_size()
+    accum = args.batch_size // (args.micro_batch_size * world)  # micro-batches per process and step
 
     # model: the SFT trunk with a fresh scalar head, N(0, 1/(d+1)) (initialized in GPT)
     torch.manual_seed(args.seed)  # the head's draw must not depend on whether comparisons were collected first
@@ -222,18 +231,25 @@ def main(argv=None):
     if args.resume:
         step, log_mode = load_resume_state(resume_path, rm, optimizer, "reward")["step"], "a"
     forward = torch.compile(rm) if args.compile else rm
+    train_forward = distributed.wrap(forward, device)  # DDP under torchrun: gradients averaged in backward()
     print(f"reward: {args.task}, {rm.num_params():,} parameters, {len(train_rows):,} training comparisons, "
           f"{len(eval_rows):,} held out, {total_steps} steps of {args.batch_size} ({accum} x "
-          f"{args.micro_batch_size}), lr {args.lr:.2e}, {device} {dtype}")
+          f"{args.micro_batch_size}" + (f" x {world} processes" if world > 1 else "")
+          + f"), lr {args.lr:.2e}, {device} {dtype}")
+
+    def rewards_of(rows):
+        """all_rewards of rows, each process scoring its shard; every process gets them all, in order."""
+        mine = rows[distributed.shard(len(rows))]
+        return tuple(distributed.gather(r) for r in all_rewards(forward, arrays, mine, args, pad, device, dtype))
 
     def held_out_accuracy(rows):
         rm.eval()
-        r0, r1 = all_rewards(forward, arrays, rows, args, pad, device, dtype)
+        r0, r1 = rewards_of(rows)
         rm.train()
         return float(((r1 > r0) == (arrays["choice"][rows] == 1)).mean())
 
     # training loop: one epoch over the training comparisons
-    log = open(out / "reward.log.jsonl", log_mode)
+    log = open(out / "reward.log.jsonl" if distributed.is_main() else os.devnull, log_mode)  # rank 0 logs
     t_start = time.time()
     rm.train()
     while step < total_steps:
@@ -242,16 +258,18 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = train_rows[data.batch_indices(len(train_rows), args.batch_size, step, args.seed)]
+        mine = idx[distributed.shard(len(idx))]  # this process's rows of the global batch
         loss_sum, acc_sum = 0.0, 0.0
         for m in range(accum):
-            part = idx[m * args.micro_batch_size:(m + 1) * args.micro_batch_size]
+            part = mine[m * args.micro_batch_size:(m + 1) * args.micro_batch_size]
             q, a, b = data.tensors(arrays, part, ("query", "response0", "response1"), device)
             choice = torch.as_tensor(arrays["choice"][part], device=device)
-            with autocast(device, dtype):
-                r0, r1 = pair_rewards(forward, q, a, b, pad)
+            with distributed.no_sync(train_forward, skip=m < accum - 1), autocast(device, dtype):
+                r0, r1 = pair_rewards(train_forward, q, a, b, pad)
             loss, acc = preference_loss(r0.float(), r1.float(), choice)
-            (loss / accum).backward()
+            (loss / accum).backward()  # DDP then averages over the processes: the mean over the global batch
             loss_sum, acc_sum = loss_sum + loss.item() / accum, acc_sum + acc.item() / accum
+        loss_sum, acc_sum = distributed.mean_over_ranks([loss_sum, acc_sum])
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(rm.parameters(), args.grad_clip)
         optimizer.step()
@@ -266,7 +284,7 @@ def main(argv=None):
         print(f"step {step}/{total_steps} | loss {loss_sum:.4f} | acc {acc_sum:.3f} | lr {lr:.2e} | "
               f"{row['pairs_per_s']:.0f} pairs/s | {row['elapsed']:.1f}s"
               + (f" | val acc {row['val_accuracy']:.3f}" if "val_accuracy" in row else ""))
-        if step % args.save_every == 0 or step == args.stop_after:
+        if (step % args.save_every == 0 or step == args.stop_after) and distributed.is_main():
             save_resume_state(resume_path, rm, optimizer, stage="reward", task=args.task, tokenizer=enc.name,
                               args=args, step=step)
         if step == args.stop_after and step < total_steps:
@@ -274,16 +292,20 @@ def main(argv=None):
             return
     log.close()
 
-    # normalization (section 3.4): the bias that gives the references of training posts a mean reward of 0
+    # normalization (section 3.4): the bias that gives the references of training posts a mean reward of 0; every
+    # process scores a shard of the posts and applies the same bias
     rm.eval()
     norm_records = data.load_split(args.task, "train", args.data_dir)[:args.norm_n]
-    before = reference_rewards(forward, norm_records, enc, args, device, dtype)
+    mine = norm_records[distributed.shard(len(norm_records))]
+    before = distributed.gather(reference_rewards(forward, mine, enc, args, device, dtype))
     with torch.no_grad():
         rm.score.bias -= float(before.mean())
     after = before - before.mean()  # the bias moves every reward by the same amount
 
     # evaluation on every held-out comparison
-    r0, r1 = all_rewards(forward, arrays, eval_rows, args, pad, device, dtype)
+    r0, r1 = rewards_of(eval_rows)
+    if not distributed.is_main():
+        return  # the metrics and files are rank 0's
     correct = (r1 > r0) == (arrays["choice"][eval_rows] == 1)
     both = np.concatenate([r0, r1])
     metrics = dict(accuracy=accuracy_report(correct, arrays, eval_rows, args.task), train_comparisons=len(train_rows),

@@ -14,6 +14,7 @@ Writes <out>/sft.pt (the policy), <out>/sft.json (final metrics), <out>/sft.log.
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 import data
+import distributed
 from model import (GPT, CheckpointError, GPTConfig, add_run_args, autocast, configure_optimizers, cosine_lr,
-                   load_checkpoint, load_resume_state, model_from_checkpoint, paper_lr, pick_device, pick_dtype,
+                   load_checkpoint, load_resume_state, model_from_checkpoint, paper_lr, pick_dtype,
                    sample_responses, save_checkpoint, save_resume_state, trim_padding)
 
 # Task defaults; a flag left at None takes its value from here. tldr follows the paper (batch 128, one epoch,
@@ -46,9 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--n-head", type=int, default=4, help="attention heads of a model built from scratch")
     p.add_argument("--n-embd", type=int, default=128, help="width of a model built from scratch")
     # optimization
-    p.add_argument("--batch-size", type=int, help="examples per optimizer step (tldr 128, the paper's; synth 64)")
-    p.add_argument("--micro-batch-size", type=int, help="examples per forward/backward; gradients accumulate over "
-                   "batch-size / micro-batch-size of them (lower it to fit memory)")
+    p.add_argument("--batch-size", type=int, help="examples per optimizer step, over all processes under torchrun "
+                   "(tldr 128, the paper's; synth 64)")
+    p.add_argument("--micro-batch-size", type=int, help="examples per forward/backward in each process; gradients "
+                   "accumulate over batch-size / (micro-batch-size x processes) of them (lower it to fit memory)")
     p.add_argument("--lr", type=float, help="peak learning rate. tldr default: the paper's SFT rates (6.35e-5 at "
                    "1.3B, 2.83e-5 at 6.7B) extrapolated by their power law to the model size (2.0e-4 for 124M, "
                    "5.9e-5 for 1.5B); synth: 2e-3")
@@ -69,9 +72,9 @@ def parse_args(argv=None):
     add_run_args(p, "sft")
     args = p.parse_args(argv)
     data.fill_task_defaults(args, DEFAULTS)
-    args.micro_batch_size = args.micro_batch_size or args.batch_size  # synth: the whole batch in one pass
-    if args.batch_size % args.micro_batch_size:
-        p.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")
+    # synth: each process's share of the batch in one pass
+    args.micro_batch_size = args.micro_batch_size or max(1, args.batch_size // distributed.world_size())
+    distributed.check_batch(p, "batch-size", args.batch_size, "micro-batch-size", args.micro_batch_size)
     return args
 
 
@@ -110,14 +113,17 @@ def sft_loss(model, query, response, pad, loss_on):
 
 @torch.no_grad()
 def validation_loss(model, val, args, pad, device, dtype):
+    """The mean loss per summary token over val; under torchrun each process takes its shard and the sums add up."""
     model.eval()
     total, count = 0.0, 0.0
-    for i in range(0, len(val["query"]), args.micro_batch_size):
-        q, r = data.tensors(val, slice(i, i + args.micro_batch_size), ("query", "response"), device)
+    rows = range(len(val["query"]))[distributed.shard(len(val["query"]))]
+    for i in range(rows.start, rows.stop, args.micro_batch_size):
+        q, r = data.tensors(val, slice(i, min(i + args.micro_batch_size, rows.stop)), ("query", "response"), device)
         with autocast(device, dtype):
             loss, n = sft_loss(model, q, r, pad, "summary")
         total, count = total + loss.item(), count + n.item()
     model.train()
+    total, count = distributed.sum_over_ranks([total, count])
     return total / count
 
 
@@ -126,26 +132,28 @@ def main(argv=None):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    device = distributed.setup(args.device)  # the process group too, under torchrun
     dtype = pick_dtype(device, args.dtype)
     task = data.TASKS[args.task]
     enc = data.get_tokenizer(task["tokenizer"])
     pad, eos, Lq, Lr = data.pad_id(enc), enc.eot_token, task["query_len"], task["response_len"]
 
-    # data
-    if args.task == "synth" and not (Path(args.data_dir) / task["files"]["train"]).exists():
-        import synth  # the synthetic task is generated on first use, in seconds
-        synth.write_synth(args.data_dir, seed=0)
-    train_records = data.load_split(args.task, "train", args.data_dir)
-    valid_records = data.load_split(args.task, "valid", args.data_dir)
-    train = data.prepare_sft(train_records, enc, Lq, Lr, args.cache_dir)
-    valid = data.prepare_sft(valid_records, enc, Lq, Lr, args.cache_dir)
+    # data (rank 0 writes the files and caches first; other processes read them)
+    with distributed.main_first():
+        if args.task == "synth" and not (Path(args.data_dir) / task["files"]["train"]).exists():
+            import synth  # the synthetic task is generated on first use, in seconds
+            synth.write_synth(args.data_dir, seed=0)
+        train_records = data.load_split(args.task, "train", args.data_dir)
+        valid_records = data.load_split(args.task, "valid", args.data_dir)
+        train = data.prepare_sft(train_records, enc, Lq, Lr, args.cache_dir)
+        valid = data.prepare_sft(valid_records, enc, Lq, Lr, args.cache_dir)
     val = {k: v[:args.val_size] for k, v in valid.items()}
     n_train = len(train["query"])
     total_steps = int(args.epochs * n_train) // args.batch_size
     if total_steps < 1:
         raise ValueError(f"{n_train} training examples make no step of --batch-size {args.batch_size}")
-    accum = args.batch_size // args.micro_batch_size
+    world = distributed.world_size()
+    accum = args.batch_size // (args.micro_batch_size * world)  # micro-batches per process and step
 
     # model and optimizer
     model = build_model(args, enc, Lq + task["rm_response_len"]).to(device)  # room for the RM's longer responses
@@ -158,11 +166,13 @@ def main(argv=None):
     if args.resume:
         step, log_mode = load_resume_state(resume_path, model, optimizer, "sft")["step"], "a"
     forward = torch.compile(model) if args.compile else model
+    train_forward = distributed.wrap(forward, device)  # DDP under torchrun: gradients averaged in backward()
     print(f"sft: {args.task}, {model.num_params():,} parameters, {n_train:,} examples, {total_steps} steps of "
-          f"{args.batch_size} ({accum} x {args.micro_batch_size}), lr {args.lr:.2e}, {device} {dtype}")
+          f"{args.batch_size} ({accum} x {args.micro_batch_size}" + (f" x {world} processes" if world > 1 else "")
+          + f"), lr {args.lr:.2e}, {device} {dtype}")
 
     # training loop
-    log = open(out / "sft.log.jsonl", log_mode)
+    log = open(out / "sft.log.jsonl" if distributed.is_main() else os.devnull, log_mode)  # rank 0 logs
     t_start = time.time()
     if step == 0:  # where the validation loss starts, for comparison
         row = dict(step=0, val_loss=validation_loss(forward, val, args, pad, device, dtype), elapsed=0.0)
@@ -175,20 +185,23 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = data.batch_indices(n_train, args.batch_size, step, args.seed)
-        # The batch's target count, so micro-batch losses add up to the exact mean. Query and response are one
+        # The global batch's target count, so micro-batch losses add up to the exact mean. Query and response are one
         # contiguous run of real tokens per row: with --loss-on all every real token but the first is a target.
         n_target = float((train["response"][idx] != pad).sum())
         if args.loss_on == "all":
             n_target += float((train["query"][idx] != pad).sum()) - len(idx)
+        mine = idx[distributed.shard(len(idx))]  # this process's rows of the global batch
         loss_sum, tokens = 0.0, 0
         for m in range(accum):
-            part = idx[m * args.micro_batch_size:(m + 1) * args.micro_batch_size]
+            part = mine[m * args.micro_batch_size:(m + 1) * args.micro_batch_size]
             q, r = data.tensors(train, part, ("query", "response"), device)
-            with autocast(device, dtype):
-                loss, n = sft_loss(forward, q, r, pad, args.loss_on)
-            (loss / n_target).backward()
+            with distributed.no_sync(train_forward, skip=m < accum - 1), autocast(device, dtype):
+                loss, n = sft_loss(train_forward, q, r, pad, args.loss_on)
+            # DDP averages gradients over the processes; times their number, the average is the batch's sum.
+            (loss * world / n_target).backward()
             loss_sum += loss.item()
             tokens += int((q != pad).sum() + (r != pad).sum())
+        loss_sum, tokens = distributed.sum_over_ranks([loss_sum, tokens])
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
@@ -202,7 +215,7 @@ def main(argv=None):
         log.flush()
         print(f"step {step}/{total_steps} | loss {row['loss']:.4f} | lr {lr:.2e} | {row['tokens_per_s']:,.0f} tok/s"
               f" | {row['elapsed']:.1f}s" + (f" | val loss {row['val_loss']:.4f}" if "val_loss" in row else ""))
-        if step % args.save_every == 0 or step == args.stop_after:
+        if (step % args.save_every == 0 or step == args.stop_after) and distributed.is_main():
             save_resume_state(resume_path, model, optimizer, stage="sft", task=args.task, tokenizer=enc.name,
                               args=args, step=step)
         if step == args.stop_after and step < total_steps:
@@ -210,12 +223,16 @@ def main(argv=None):
             return
     log.close()
 
-    # evaluation: temperature-0 summaries of validation posts
+    # evaluation: temperature-0 summaries of validation posts, each process summarizing its shard
     model.eval()
     sample = {k: v[:args.sample_n] for k, v in valid.items()}
     records = [valid_records[i] for i in sample["index"]]
-    responses = sample_responses(model, sample["query"], Lr, 0.0, eos, pad, args.micro_batch_size, device, dtype,
-                                 desc="sft: summarizing validation posts")
+    mine = sample["query"][distributed.shard(len(sample["query"]))]
+    responses = sample_responses(model, mine, Lr, 0.0, eos, pad, args.micro_batch_size, device, dtype,
+                                 desc="sft: summarizing validation posts" if distributed.is_main() else None)
+    responses = distributed.gather(responses)
+    if not distributed.is_main():
+        return  # the metrics and files are rank 0's
     texts = data.decode_responses(enc, responses)
     lengths = (responses != pad).sum(1) - (responses == eos).sum(1)  # tokens before EOS
     metrics = dict(val_loss=row["val_loss"], train_loss=row["loss"], steps=step, examples=step * args.batch_size,

@@ -1,0 +1,155 @@
+"""Every stage under torchrun with 2 gloo CPU processes: SFT matches 1 process at the same global batch, reward and
+PPO complete with one checkpoint each (PPO through a stop and a resume), and batch flags that do not split over the
+processes are refused clearly."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TIKTOKEN = ROOT.parent / "shared" / "tiktoken"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN.is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_TIKTOKEN)
+
+import ppo  # noqa: E402
+import reward  # noqa: E402
+import sft  # noqa: E402
+import synth  # noqa: E402
+from model import load_checkpoint  # noqa: E402
+
+SFT = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "16", "--micro-batch-size", "4",
+       "--lr", "3e-3", "--epochs", "2", "--val-size", "24", "--sample-n", "12", "--eval-every", "20"]
+REWARD = ["--train-posts", "192", "--valid-posts", "32", "--batch-size", "32", "--micro-batch-size", "8",
+          "--norm-n", "48", "--val-size", "24", "--eval-every", "3", "--temperature", "0.7"]
+PPO = ["--episodes", "64", "--rollout-batch-size", "32", "--minibatch-size", "16", "--micro-batch-size", "4",
+       "--lr", "1e-4", "--eval-every", "1", "--eval-n", "8", "--save-every", "100"]
+
+
+def run(script, *args, processes=1):
+    """A stage as its own command: plain python, or under `torchrun --standalone --nproc_per_node=2`. One thread
+    per process, so that two processes share a two-core CPU without waiting on each other's threads."""
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
+    return subprocess.run([sys.executable, *launch, str(ROOT / script), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+def pt_files(folder):
+    return sorted(p.name for p in folder.glob("*.pt"))
+
+
+def assert_same_matrices(one, two):
+    """The weight matrices of two checkpoints agree. Not the biases: some cannot change the loss (the attention's key
+    biases, since a softmax ignores a shift; for a reward model those that shift every reward alike, since the loss
+    sees differences), so their gradients are float noise, which Adam's normalized steps turn into moves of up to lr."""
+    for k, v in one["model"].items():
+        if v.dim() == 2:
+            torch.testing.assert_close(two["model"][k], v, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """SFT on 1 process and on 2, from the same data and flags."""
+    root = tmp_path_factory.mktemp("ddp")
+    synth.write_synth(root / "data", seed=0, sizes=dict(train=480, valid=48, test=8, transfer=8))
+    common = ["--task", "synth", "--data-dir", root / "data", "--cache-dir", root / "cache"]
+    proc = run("sft.py", *common, "--out-dir", root / "sft1", *SFT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run("sft.py", *common, "--out-dir", root / "sft2", *SFT, processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, common, proc.stdout
+
+
+def test_sft_on_two_processes_matches_one_at_the_same_global_batch(runs):
+    root, _, stdout = runs
+    one, two = load_checkpoint(root / "sft1" / "sft.pt"), load_checkpoint(root / "sft2" / "sft.pt")
+    assert one["step"] == two["step"] == 60
+    assert_same_matrices(one, two)  # a lost or repeated shard would move them by ~lr = 3e-3 per step
+    log1, log2 = ([json.loads(line) for line in (root / d / "sft.log.jsonl").read_text().splitlines()]
+                  for d in ("sft1", "sft2"))
+    assert [row["step"] for row in log2] == list(range(61))  # rank 0 alone writes the log
+    for a, b in zip(log1, log2):
+        assert b.get("loss") == pytest.approx(a.get("loss"), rel=1e-4)
+        assert b.get("val_loss") == pytest.approx(a.get("val_loss"), rel=1e-4)  # each process a shard, summed
+    # the temperature-0 samples: each process summarizes its shard, rank 0 writes them all in order
+    assert (root / "sft2" / "sft_samples.jsonl").read_text() == (root / "sft1" / "sft_samples.jsonl").read_text()
+    assert stdout.count("step 60/60") == 1 and "x 2 processes" in stdout  # one copy of each line
+    assert pt_files(root / "sft2") == ["sft.pt"]
+
+
+@pytest.fixture(scope="module")
+def reward_run(runs):
+    root, common, _ = runs
+    proc = run("reward.py", *common, "--sft", root / "sft2" / "sft.pt", "--out-dir", root / "rm2", *REWARD, processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+def test_reward_on_two_processes_writes_one_checkpoint_and_matches_one_process(runs, reward_run):
+    root, common, _ = runs
+    # rank 0 collected the comparisons alone: one file each, every line once
+    train = (root / "rm2" / "comparisons" / "synth_train.json").read_text().splitlines()
+    assert len(train) == 192 and len((root / "rm2" / "comparisons" / "synth_valid.json").read_text().splitlines()) == 32
+    assert pt_files(root / "rm2") == ["reward.pt"]
+    log = [json.loads(line) for line in (root / "rm2" / "reward.log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(1, load_checkpoint(root / "rm2" / "reward.pt")["step"] + 1))
+    # one process on the same comparisons: the same weights, normalization and held-out accuracy
+    (root / "rm1" / "comparisons").mkdir(parents=True)
+    for f in ("synth_train.json", "synth_valid.json"):
+        (root / "rm1" / "comparisons" / f).write_bytes((root / "rm2" / "comparisons" / f).read_bytes())
+    proc = run("reward.py", *common, "--sft", root / "sft2" / "sft.pt", "--out-dir", root / "rm1", *REWARD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = load_checkpoint(root / "rm1" / "reward.pt"), load_checkpoint(root / "rm2" / "reward.pt")
+    assert_same_matrices(one, two)
+    m1, m2 = one["metrics"], two["metrics"]
+    for k in ("reward_mean", "reward_std", "reference_reward_after"):  # held-out rewards after normalization
+        assert m2[k] == pytest.approx(m1[k], abs=1e-5)
+    acc1, acc2 = m1["accuracy"]["synth"]["overall"], m2["accuracy"]["synth"]["overall"]
+    assert acc2["n"] == acc1["n"] >= 24 and abs(acc2["accuracy"] - acc1["accuracy"]) <= 1 / acc1["n"]
+
+
+def test_ppo_on_two_processes_stops_resumes_and_writes_one_checkpoint(runs, reward_run, tmp_path):
+    root, common, _ = runs
+    args = [*common, "--sft", root / "sft2" / "sft.pt", "--reward", root / "rm2" / "reward.pt", "--out-dir", tmp_path,
+            *PPO]
+    proc = run("ppo.py", *args, "--stop-after", "1", processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert pt_files(tmp_path) == ["ppo.resume.pt"]
+    assert len(load_checkpoint(tmp_path / "ppo.resume.pt")["generators"]) == 2  # each process's sampling stream
+    proc = run("ppo.py", *args, "--resume", processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert pt_files(tmp_path) == ["ppo.pt"]
+    log = [json.loads(line) for line in (tmp_path / "ppo.log.jsonl").read_text().splitlines()]
+    assert [row["update"] for row in log] == [0, 1, 2] and all("gold_win_rate" in row for row in log)
+    for row in log[1:]:
+        assert row["first_minibatch_ratio_dev"] == 0.0 and row["episodes"] == 32 * row["update"]
+    assert load_checkpoint(tmp_path / "ppo.pt", stage="ppo")["step"] == 2
+
+
+def test_batches_that_do_not_split_over_the_processes_are_refused(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cases = [(sft, ["--batch-size", "16", "--micro-batch-size", "16"],
+              "--batch-size 16 is not a multiple of --micro-batch-size 16 x 2 processes"),
+             (reward, ["--batch-size", "30", "--micro-batch-size", "4"],
+              "--batch-size 30 is not a multiple of --micro-batch-size 4 x 2 processes"),
+             (ppo, ["--rollout-batch-size", "45", "--minibatch-size", "15", "--micro-batch-size", "5"],
+              "--minibatch-size 15 is not a multiple of the 2 processes"),
+             (ppo, ["--rollout-batch-size", "24", "--minibatch-size", "32", "--micro-batch-size", "8"],
+              "--rollout-batch-size 24 is not a multiple of --micro-batch-size 8 x 2 processes")]
+    for stage, flags, message in cases:
+        with pytest.raises(SystemExit) as e:
+            stage.parse_args(["--task", "synth", *flags])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    # the synth default micro-batch is each process's share of the batch
+    assert sft.parse_args(["--task", "synth", "--batch-size", "64"]).micro_batch_size == 32
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    # and through torchrun itself: every process refuses before any work
+    proc = run("sft.py", "--task", "synth", "--out-dir", tmp_path, "--batch-size", "24", "--micro-batch-size", "8",
+               processes=2)
+    assert proc.returncode != 0  # torchrun itself then reports the failed processes (with its own traceback)
+    assert "sft.py: error: --batch-size 24 is not a multiple of --micro-batch-size 8 x 2 processes" in proc.stderr
