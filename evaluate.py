@@ -48,13 +48,13 @@ import numpy as np
 import torch
 
 import data
+import distributed
 import synth
-from model import CheckpointError, autocast, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype, \
-    trim_padding
+from model import CheckpointError, autocast, load_checkpoint, model_from_checkpoint, pick_dtype, trim_padding
 
 DEFAULTS = {
-    "tldr": dict(n=1000, batch_size=16, max_n=16, bon_posts=256, analysis_n=2000),
-    "synth": dict(n=500, batch_size=128, max_n=32, bon_posts=250, analysis_n=1000),
+    "tldr": dict(n_posts=1000, batch_size=16, max_n=16, bon_posts=256, analysis_n=2000),
+    "synth": dict(n_posts=500, batch_size=128, max_n=32, bon_posts=250, analysis_n=1000),
 }
 
 
@@ -72,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="test", choices=["test", "valid", "transfer", "cnndm"],
                    help="posts to summarize: a split, or transfer (tldr: CNN/DM articles, also called cnndm; "
                    "synth: the held-out subreddit)")
-    p.add_argument("--n", type=int, help="posts to summarize (synth: 500, tldr: 1000)")
+    p.add_argument("--n-posts", type=int, help="posts to summarize (synth: 500, tldr: 1000)")
     p.add_argument("--batch-size", type=int, help="sequences per forward pass (synth: 128, tldr: 16)")
     p.add_argument("--kl-temperature", type=float, default=0.7, help="sampling temperature of the KL estimate")
     p.add_argument("--sweep", nargs="*", default=[], help="checkpoints of one run or of several betas, for the "
@@ -325,9 +325,12 @@ class HTTPJudge:
             answer = self.ask(self.prompt(records[i], *((b, a) if flips[i] else (a, b))))
             return np.nan if answer is None else float((answer == "A") != flips[i])
 
-        with ThreadPoolExecutor(self.workers) as pool:
-            out = np.array(list(data.tqdm(pool.map(one, range(len(texts))), total=len(texts), leave=False,
-                                          desc=f"judge {self.model}")), dtype=float)
+        out = np.empty(0)
+        if distributed.is_main():  # under torchrun one process asks, and every process gets its verdicts
+            with ThreadPoolExecutor(self.workers) as pool:
+                out = np.array(list(data.tqdm(pool.map(one, range(len(texts))), total=len(texts), leave=False,
+                                              desc=f"judge {self.model}")), dtype=float)
+        out = distributed.gather(out)
         missing = int(np.isnan(out).sum())
         if missing:
             self.stats["no_verdict"] += missing
@@ -369,9 +372,10 @@ def sample(policy, records, run, temperature, copies=1, ref=None, desc=None):
     log-ratio summed over its tokens, log pi(y|x) - log ref(y|x) at the same temperature: the sampled KL."""
     queries = np.repeat(data.encode_queries(records, run.enc, data.TASKS[run.task]["query_len"]), copies, axis=0)
     pad, eos, R = data.pad_id(run.enc), run.enc.eot_token, data.TASKS[run.task]["response_len"]
-    tokens, kls = [], []
-    for b, i in enumerate(data.tqdm(range(0, len(queries), run.batch_size), desc=desc, leave=False,
-                                    disable=desc is None)):
+    tokens, kls = [torch.empty(0, R, dtype=torch.long)], [torch.empty(0)]
+    batches = distributed.shard(math.ceil(len(queries) / run.batch_size))  # under torchrun: this process's batches
+    for b in data.tqdm(range(batches.start, batches.stop), desc=desc, leave=False, disable=desc is None):
+        i = b * run.batch_size
         q, _ = trim_padding(torch.as_tensor(queries[i:i + run.batch_size], device=run.device).long(), pad)
         gen = torch.Generator(device=run.device).manual_seed(run.seed * 1_000_003 + b)
         with autocast(run.device, run.dtype):
@@ -381,8 +385,17 @@ def sample(policy, records, run, temperature, copies=1, ref=None, desc=None):
                 ref_logp = ref.response_logprobs(out, mask, q.size(1), temperature).float()
                 kls.append(((logp - ref_logp) * mask[:, q.size(1):]).sum(1).cpu())
         tokens.append(out[:, q.size(1):].cpu())
-    texts = data.decode_responses(run.enc, torch.cat(tokens))
-    return (texts, torch.cat(kls).numpy()) if ref is not None else texts
+    texts = distributed.gather(data.decode_responses(run.enc, torch.cat(tokens)))
+    return (texts, distributed.gather(torch.cat(kls).numpy())) if ref is not None else texts
+
+
+def summarize(policy, records, run, desc=None):
+    """Temperature-0 summaries (data.summarize); under torchrun each process writes those of its batches, and every
+    process gets them all, in order. Whole batches, so every summary is the one a single process writes."""
+    batches = distributed.shard(math.ceil(len(records) / run.batch_size))
+    mine = records[batches.start * run.batch_size:batches.stop * run.batch_size]
+    return distributed.gather(data.summarize(policy, mine, run.enc, run.task, 0.0, run.batch_size, run.device,
+                                             run.dtype, desc=desc) if mine else [])
 
 
 @torch.no_grad()
@@ -630,11 +643,11 @@ def main(argv=None):
     t_start = time.time()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(args.device)
+    device = distributed.setup(args.device)  # and the process group, under torchrun
     run = Run(args.task, data.get_tokenizer(data.TASKS[args.task]["tokenizer"]), args.batch_size, device,
               pick_dtype(device, args.dtype), args.seed)
     torch.manual_seed(args.seed)
-    records = data.load_split(args.task, args.data, args.data_dir)[:args.n]
+    records = data.load_split(args.task, args.data, args.data_dir)[:args.n_posts]
     refs = [data.as_response(r["summary"]) for r in records]
     sft = load_model(args.sft, run, "sft")[0] if Path(args.sft).is_file() else None
     rm, rm_ckpt = load_model(args.reward, run, "reward") if Path(args.reward).is_file() else (None, None)
@@ -650,8 +663,7 @@ def main(argv=None):
     def measure(path, name):
         """Temperature-0 summaries of the evaluation posts and the main table's row of one checkpoint."""
         policy, ckpt = load_model(path, run, ("sft", "ppo"))
-        texts = data.summarize(policy, records, run.enc, args.task, 0.0, args.batch_size, device, run.dtype,
-                               desc=f"{name}: summarizing")
+        texts = summarize(policy, records, run, desc=f"{name}: summarizing")
         kl = sample(policy, records, run, args.kl_temperature, ref=sft, desc=f"{name}: KL")[1] if sft else None
         row, wins = describe(texts, records, refs, judge, run, rm, kl)
         return dict(path=str(path), stage=ckpt["stage"], step=ckpt["step"], **row), texts, wins
@@ -688,6 +700,8 @@ def main(argv=None):
     results["args"] = {k: v for k, v in vars(args).items() if k != "judge_key"}
     results["minutes"] = (time.time() - t_start) / 60
 
+    if not distributed.is_main():
+        return  # every process computed the same results; one writes them
     write_text(out / "eval.json", json.dumps(results, indent=1) + "\n")
     write_text(out / "eval_samples.md", samples_page(results, records, texts, lengths, wins, args.show))
     pictures = [] if args.no_plots else plot(results, out)
@@ -720,5 +734,6 @@ def report(results):
 if __name__ == "__main__":
     try:
         main()
+        distributed.finish()
     except (data.DataError, CheckpointError, JudgeError, FileNotFoundError, ValueError) as e:
         sys.exit(f"evaluate.py: error: {e}")

@@ -440,5 +440,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
+        distributed.finish()
     except (data.DataError, CheckpointError, FileNotFoundError, ConnectionError, ValueError, FloatingPointError) as e:
         sys.exit(f"ppo.py: error: {e}")

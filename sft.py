@@ -260,5 +260,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
+        distributed.finish()
     except (data.DataError, CheckpointError, FileNotFoundError, ConnectionError, ValueError) as e:
         sys.exit(f"sft.py: error: {e}")

@@ -1,6 +1,6 @@
 """Every stage under torchrun with 2 gloo CPU processes: SFT matches 1 process at the same global batch, reward and
 PPO complete with one checkpoint each (PPO through a stop and a resume), and batch flags that do not split over the
-processes are refused clearly."""
+processes are refused clearly; evaluation on 2 processes gives the numbers of 1."""
 import json
 import os
 import subprocess
@@ -127,6 +127,34 @@ def test_ppo_on_two_processes_stops_resumes_and_writes_one_checkpoint(runs, rewa
     for row in log[1:]:
         assert row["first_minibatch_ratio_dev"] == 0.0 and row["episodes"] == 32 * row["update"]
     assert load_checkpoint(tmp_path / "ppo.pt", stage="ppo")["step"] == 2
+
+
+def flatten(tree, prefix=""):
+    """{'a': {'b': 1}, 'c': [2]} -> {'a/b': 1, 'c/0': 2}"""
+    if isinstance(tree, (dict, list)):
+        items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+        return {k: v for key, sub in items for k, v in flatten(sub, f"{prefix}/{key}").items()}
+    return {prefix: tree}
+
+
+def test_evaluate_on_two_processes_equals_one(runs, reward_run):
+    root, common, _ = runs
+    args = [*common, "--sft", root / "sft2" / "sft.pt", "--reward", root / "rm2" / "reward.pt", "--policies",
+            root / "sft1" / "sft.pt", "--n-posts", "8", "--batch-size", "3", "--max-n", "2", "--bon-posts", "5",
+            "--comparisons", root / "rm2" / "comparisons" / "synth_valid.json", "--no-plots"]
+    results = []
+    for processes in (1, 2):  # 8 posts in 3 batches of 3: the processes get 1 and 2 batches (and 4 of 7 for BoN)
+        proc = run("evaluate.py", *args, "--out-dir", root / f"eval{processes}", processes=processes)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = json.loads((root / f"eval{processes}" / "eval.json").read_text())
+        results.append({k: v for k, v in res.items() if k not in ("args", "minutes")})
+        assert proc.stdout.count("evaluate: wrote") == 1  # one process writes and reports
+    one, two = flatten(results[0]), flatten(results[1])
+    assert one.keys() == two.keys()
+    for key, value in one.items():  # the same summaries, samples, KL and verdicts
+        assert two[key] == (pytest.approx(value, abs=1e-6) if isinstance(value, float) else value), key
+    assert results[0]["policies"]["sft"]["kl"]["mean"] != 0.0  # sampled: sft1 is not the reference policy sft2
+    assert (root / "eval2" / "eval_samples.md").read_text() == (root / "eval1" / "eval_samples.md").read_text()
 
 
 def test_batches_that_do_not_split_over_the_processes_are_refused(monkeypatch, capsys, tmp_path):

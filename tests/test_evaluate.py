@@ -182,7 +182,7 @@ def evaluated(stages, tmp_path_factory):
                 "--lr", "1e-4", "--eval-every", "4", "--eval-n", "8", "--save-every", "2"])
     evaluate.main(["--task", "synth", "--data-dir", str(root / "data"), "--out-dir", str(out), "--policies",
                    str(root / "out" / "sft.pt"), str(out / "ppo.pt"), "--sft", str(root / "out" / "sft.pt"),
-                   "--reward", str(root / "out" / "reward.pt"), "--n", "16", "--batch-size", "8", "--sweep",
+                   "--reward", str(root / "out" / "reward.pt"), "--n-posts", "16", "--batch-size", "8", "--sweep",
                    str(out / "ppo_step2.pt"), str(out / "ppo_step4.pt"), "--max-n", "4", "--bon-posts", "8",
                    "--comparisons", str(root / "out" / "comparisons" / "synth_valid.json"), "--show", "3"])
     return out, json.loads((out / "eval.json").read_text())
@@ -233,4 +233,4 @@ def test_bad_input_gets_a_clear_error(stages, tmp_path):
         evaluate.parse_args(["--task", "tldr", "--judge", "gold", "--policies", "x.pt"])
     with pytest.raises(evaluate.CheckpointError, match="reward checkpoint, expected"):
         evaluate.main(["--task", "synth", "--data-dir", str(root / "data"), "--out-dir", str(tmp_path),
-                       "--policies", str(root / "out" / "reward.pt"), "--n", "4", "--max-n", "0"])
+                       "--policies", str(root / "out" / "reward.pt"), "--n-posts", "4", "--max-n", "0"])

@@ -16,6 +16,7 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken").is_dir():
 pytestmark = pytest.mark.skipif(not SAMPLE.is_dir() or not (SHARED / "tiktoken").is_dir(),
                                 reason=f"needs the real sample files in {SAMPLE} and the GPT-2 BPE in {SHARED}")
 
+import evaluate  # noqa: E402
 import ppo  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
@@ -27,8 +28,9 @@ def tldr(tmp_path_factory):
     root = tmp_path_factory.mktemp("tldr")
     posts = SAMPLE / "derived" / "tldr_3_filtered_format_from_batch18_refs.jsonl"  # 110 real posts and TL;DRs
     (root / "data" / "comparisons").mkdir(parents=True)
-    for split in ("train", "valid"):
+    for split in ("train", "valid", "test"):
         shutil.copy(posts, root / "data" / f"{split}.jsonl")
+    shutil.copy(SAMPLE / "derived" / "cnndm_val_articles_from_cnndm0.jsonl", root / "data" / "cnndm_test.jsonl")
     for f in ("from_docs/comparisons_train_examples_from_docs.jsonl", "comparisons/edit_b2_eval_test.json",
               "comparisons/cnndm0.json"):
         shutil.copy(SAMPLE / f, root / "data" / "comparisons" / Path(f).name.replace(".jsonl", ".json"))
@@ -63,3 +65,22 @@ def test_sft_reward_ppo_run_on_the_real_formats(tldr):
     assert [row["update"] for row in log] == [0, 1, 2]
     assert all(row["first_minibatch_ratio_dev"] == 0.0 for row in log[1:])
     assert load_checkpoint(tldr / "out" / "ppo.pt", stage="ppo")["task"] == "tldr"
+
+
+def test_evaluate_on_reddit_and_cnndm_transfer(tldr):
+    if not (tldr / "out" / "ppo.pt").exists():
+        pytest.skip("needs the stages of test_sft_reward_ppo_run_on_the_real_formats")
+    small = ["--n-posts", "3", "--batch-size", "3", "--max-n", "2", "--bon-posts", "2", "--analysis-n", "12",
+             "--show", "2"]
+    evaluate.main(common(tldr) + small)
+    res = json.loads((tldr / "out" / "eval.json").read_text())
+    assert res["judge"] == f"rm:{tldr / 'out' / 'reward.pt'}"  # no gold rubric for Reddit: the RM by default
+    assert list(res["policies"]) == ["reference", "sft", "ppo"] and res["policies"]["ppo"]["preference"]["n"] == 3
+    assert res["rm_analysis"]["n"] == 12 and "gold rubric" not in res["rm_analysis"]["agreement"]
+    assert "probes" not in res  # the edits of section 4.3 need the synthetic world's facts
+    evaluate.main(common(tldr) + small + ["--data", "cnndm"])
+    res = json.loads((tldr / "out" / "eval.json").read_text())
+    assert res["data"] == "transfer" and res["policies"]["sft"]["copying"]["n"] == 3
+    page = (tldr / "out" / "eval_samples.md").read_text()
+    first = json.loads((tldr / "data" / "cnndm_test.jsonl").read_text().splitlines()[0])["article"]
+    assert first.strip().splitlines()[0] in page  # the first CNN/DM article, summarized with the transfer template
