@@ -82,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--bon-temperature", type=float, default=0.7, help="temperature of the best-of-N samples")
     p.add_argument("--comparisons", nargs="*", help="held-out comparisons for the RM analysis (default synth: "
                    "<out>/comparisons/synth_valid.json; tldr: the valid splits of <data>/comparisons/*.json)")
-    p.add_argument("--analysis-n", type=int, help="comparisons in the RM analysis (synth: 1000, tldr: 2000)")
+    p.add_argument("--analysis-n", type=int, help="comparisons in the RM analysis (0: skip; synth: 1000, tldr: 2000)")
     p.add_argument("--show", type=int, default=20, help="posts on the samples page")
     p.add_argument("--no-plots", action="store_true", help="do not draw PNGs even if matplotlib is installed")
     add_http_args(p)

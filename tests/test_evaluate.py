@@ -234,3 +234,21 @@ def test_bad_input_gets_a_clear_error(stages, tmp_path):
     with pytest.raises(evaluate.CheckpointError, match="reward checkpoint, expected"):
         evaluate.main(["--task", "synth", "--data-dir", str(root / "data"), "--out-dir", str(tmp_path),
                        "--policies", str(root / "out" / "reward.pt"), "--n-posts", "4", "--max-n", "0"])
+
+
+def test_quickstart_ends_with_the_table_of_its_evaluation(evaluated, capsys):
+    import quickstart
+    out, res = evaluated
+    quickstart.summary(out, 0, 11.5, 0.9, [("data", 1.0), ("sft", 200.0), ("reward", 190.0), ("ppo", 170.0),
+                                           ("evaluation", 80.0)])
+    text = capsys.readouterr().out
+    assert "seed 0, 11.5 min, peak memory 0.90 GB" in text
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")}
+    for name in ("reference", "sft", "ppo"):
+        p = res["policies"][name]["preference"]
+        assert f"{100 * p['mean']:5.1f} +- {100 * p['stderr']:.1f}" in rows[name]
+        assert f"{res['policies'][name]['length']['mean']:.1f}" in rows[name]
+    assert f"{res['policies']['ppo']['kl']['mean']:.2f}" in rows["ppo"]
+    agree = res["rm_analysis"]["agreement"]
+    assert f"held-out accuracy {100 * agree['reward model']['mean']:5.1f}" in text
+    assert f"agree with each other {100 * agree['labelers (second opinion)']['mean']:5.1f}" in text
