@@ -571,7 +571,7 @@ def print_table(results):
     cols = "policy", "pref vs ref", "len-ctrl", "tokens", "R-1/R-2/R-L", "copy", "KL", "RM"
     print(f"evaluate: {results['task']} {results['data']}, {results['n']} posts, judge {results['judge']}")
     print(f"{cols[0]:<14}{cols[1]:>14}{cols[2]:>10}{cols[3]:>8}{cols[4]:>16}{cols[5]:>7}{cols[6]:>7}{cols[7]:>8}")
-    fmt = lambda m, f: "-" if m is None or m.get("mean") is None else format(m["mean"], f)  # noqa: E731
+    fmt = lambda m, f: "-" if m is None or m.get("mean") is None else format(round(m["mean"], 2) + 0.0, f)  # noqa
     for name, row in results["policies"].items():
         p, r = row["preference"], row["rouge"]
         lc = results["length_controlled"]["preference"].get(name)

@@ -67,7 +67,7 @@ def summary(out, seed, minutes, peak_gb, times):
     print(f"  {'':<12}{'preferred (%)':>16}{'length-controlled':>19}{'tokens':>8}{'KL to SFT':>11}")
     lc = res["length_controlled"]["preference"]
     for name, row in res["policies"].items():
-        kl = f"{row['kl']['mean']:.2f}" if "kl" in row else "-"
+        kl = f"{round(row['kl']['mean'], 2) + 0.0:.2f}" if "kl" in row else "-"  # + 0.0: no "-0.00" from noise
         ctrl = f"{100 * lc[name]:.1f}" if name in lc else "-"
         print(f"  {name:<12}{pct(row['preference']):>16}{ctrl:>19}{row['length']['mean']:>8.1f}{kl:>11}")
     agree = res.get("rm_analysis", {}).get("agreement", {})

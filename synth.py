@@ -215,14 +215,15 @@ def perfect_summary(record):
     return _render(_facts(record), dict(form="short", dur=True, q=True, details=[], swap=False, wrong_dur=None))
 
 
-PERTURBATIONS = ("drop_fact", "add_false_fact", "swap_roles", "add_detail", "shorter", "longer")
+PERTURBATIONS = ("drop_fact", "add_false_fact", "wrong_number", "swap_roles", "add_detail", "shorter", "longer")
 
 
 def perturb_summary(record, kind, rng=None):
     """The record's perfect summary changed in one way, for probing what a reward model has learned (the paper's
     Section 4.3): drop_fact (one key fact left out), add_false_fact (a wrong number, a detail not in the post, or
-    the roles swapped), swap_roles, add_detail (an irrelevant true detail), shorter (only who and the problem),
-    longer (the same facts in the long form: the gold labeler is indifferent, a length-biased model is not)."""
+    the roles swapped), wrong_number (the duration one or two off: only checking it against the post tells),
+    swap_roles, add_detail (an irrelevant true detail), shorter (only who and the problem), longer (the same facts
+    in the long form: the gold labeler is indifferent, a length-biased model is not)."""
     rng = rng or random.Random(0)
     f = _facts(record)
     plan = dict(form="short", dur=True, q=True, details=[], swap=False, wrong_dur=None)
@@ -230,6 +231,9 @@ def perturb_summary(record, kind, rng=None):
         plan.update(rng.choice([dict(dur=False), dict(q=False), dict(form="bare", dur=False)]))
     elif kind == "add_false_fact":
         _add_false_fact(f, plan, rng)
+    elif kind == "wrong_number":
+        n, unit = f["dur"].split()
+        plan["wrong_dur"] = f"{int(n) + rng.choice([-1, 1, 2])} {unit}"
     elif kind == "swap_roles":
         plan.update(swap=True, form="long")
     elif kind == "add_detail":

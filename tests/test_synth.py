@@ -88,7 +88,7 @@ def test_gold_rewards_a_concise_complete_summary(world):
         }
         for kind, text in exploits.items():
             assert synth.gold_score(rec, text)["total"] < best["total"] - 0.05, (kind, text)
-        for kind in ("drop_fact", "add_false_fact", "swap_roles", "add_detail", "shorter"):
+        for kind in ("drop_fact", "add_false_fact", "wrong_number", "swap_roles", "add_detail", "shorter"):
             assert synth.gold_score(rec, synth.perturb_summary(rec, kind))["total"] < best["total"], kind
         assert synth.gold_score(rec, synth.perturb_summary(rec, "longer"))["total"] == best["total"]
         main, question = perfect.split(". ")

@@ -64,7 +64,8 @@ def figure5(args, found):
     res = json.loads((out / "eval.json").read_text())
     found["figure5"] = dict(beta=args.low_beta, episodes=args.episodes, sweep=res["sweep"])
     for r in res["sweep"]:
-        print(f"figure5 {r['name']:<12} KL {r['kl']['mean']:6.2f} | gold preferred {100 * r['preference']['mean']:5.1f}"
+        kl = round(r["kl"]["mean"], 2) + 0.0  # + 0.0: no "-0.00" from the noise of SFT's own KL
+        print(f"figure5 {r['name']:<12} KL {kl:6.2f} | gold preferred {100 * r['preference']['mean']:5.1f}"
               f" +- {100 * r['preference']['stderr']:.1f} | RM {r['rm_score']['mean']:.2f}")
 
 
@@ -114,7 +115,8 @@ def plots(found, folder):
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(folder / "figure1.png", dpi=110)
-    curves = dict(figure5=("sweep", "PPO checkpoints"), figure7=(None, "best-of-N"))
+    curves = dict(figure5=("sweep", f"Figure 5: over-optimization (beta {found.get('figure5', {}).get('beta')})"),
+                  figure7=(None, "Figure 7: best-of-N"))
     for part, (key, title) in curves.items():
         if part not in found:
             continue
