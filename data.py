@@ -525,20 +525,27 @@ def summarize(policy, records, enc, task, temperature=0.0, batch_size=64, device
     return decode_responses(enc, tokens)
 
 
-@torch.no_grad()
-def score_summaries(rm, records, texts, enc, task, batch_size=64, device="cpu", dtype=None):
-    """A reward model's score of texts[i] as a summary of records[i], read at its EOS as in training (the response
-    convention of `as_response`, up to the task's rm_response_len). Returns (N,) float numpy."""
+def summary_batches(records, texts, enc, task, batch_size, device):
+    """texts[i] as the summary of records[i], tokenized as the reward model reads them (query + `as_response` +
+    EOS, up to the task's rm_response_len), in batches: yields (tokens (B, T), n_query), padding trimmed."""
     spec = TASKS[task]
     arrays = prepare_sft([dict(r, summary=t) for r, t in zip(records, texts)], enc, spec["query_len"],
                          spec["rm_response_len"])
     if len(arrays["index"]) != len(texts):
         raise ValueError(f"{len(texts) - len(arrays['index'])} summaries are longer than the reward model reads "
                          f"({spec['rm_response_len']} tokens with the EOS)")
-    out = []
     for i in range(0, len(texts), batch_size):
         q, r = tensors(arrays, slice(i, i + batch_size), ("query", "response"), device)
-        tokens, _ = trim_padding(torch.cat([q, r], 1), pad_id(enc))
+        tokens, cut = trim_padding(torch.cat([q, r], 1), pad_id(enc))
+        yield tokens, q.size(1) - cut
+
+
+@torch.no_grad()
+def score_summaries(rm, records, texts, enc, task, batch_size=64, device="cpu", dtype=None):
+    """A reward model's score of texts[i] as a summary of records[i], read at its EOS as in training. Returns (N,)
+    float numpy."""
+    out = []
+    for tokens, _ in summary_batches(records, texts, enc, task, batch_size, device):
         with autocast(device, dtype):
             out.append(rm.reward(tokens, (tokens != pad_id(enc)).long()).float().cpu())
     return torch.cat(out).numpy()

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import data
 import distributed
@@ -201,8 +202,8 @@ class RewardJudge:
     """A reward model as the judge: the summary it scores higher wins. Independent of a policy only when the policy
     was not trained against it (Gao et al. 2022 judge with a larger RM trained on the same labels)."""
 
-    def __init__(self, path, run):
-        self.rm, _ = load_model(path, run, "reward")
+    def __init__(self, path, run, rm=None):
+        self.rm = rm if rm is not None else load_model(path, run, "reward")[0]
         self.run, self.name = run, f"rm:{path}"
 
     def prefer(self, records, texts, baselines):
@@ -328,7 +329,7 @@ class HTTPJudge:
         out = np.empty(0)
         if distributed.is_main():  # under torchrun one process asks, and every process gets its verdicts
             with ThreadPoolExecutor(self.workers) as pool:
-                out = np.array(list(data.tqdm(pool.map(one, range(len(texts))), total=len(texts), leave=False,
+                out = np.array(list(tqdm(pool.map(one, range(len(texts))), total=len(texts), leave=False,
                                               desc=f"judge {self.model}")), dtype=float)
         out = distributed.gather(out)
         missing = int(np.isnan(out).sum())
@@ -339,13 +340,16 @@ class HTTPJudge:
         return out
 
 
-def make_judge(args, run):
+def make_judge(args, run, rm=None):
+    """The judge of --judge; rm is the --reward model, reused when the judge names the same file."""
     if args.judge == "gold":
         return Gold()
     if args.judge == "http":
         return HTTPJudge(args.judge_url, args.judge_model, args.judge_key, args.judge_timeout, args.judge_retries,
                          args.judge_budget, args.judge_workers, args.seed)
-    return RewardJudge(args.judge.removeprefix("rm:"), run)
+    path = args.judge.removeprefix("rm:")
+    same = rm is not None and Path(path).resolve() == Path(args.reward).resolve()
+    return RewardJudge(path, run, rm if same else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -374,7 +378,7 @@ def sample(policy, records, run, temperature, copies=1, ref=None, desc=None):
     pad, eos, R = data.pad_id(run.enc), run.enc.eot_token, data.TASKS[run.task]["response_len"]
     tokens, kls = [torch.empty(0, R, dtype=torch.long)], [torch.empty(0)]
     batches = distributed.shard(math.ceil(len(queries) / run.batch_size))  # under torchrun: this process's batches
-    for b in data.tqdm(range(batches.start, batches.stop), desc=desc, leave=False, disable=desc is None):
+    for b in tqdm(range(batches.start, batches.stop), desc=desc, leave=False, disable=desc is None):
         i = b * run.batch_size
         q, _ = trim_padding(torch.as_tensor(queries[i:i + run.batch_size], device=run.device).long(), pad)
         gen = torch.Generator(device=run.device).manual_seed(run.seed * 1_000_003 + b)
@@ -401,14 +405,8 @@ def summarize(policy, records, run, desc=None):
 @torch.no_grad()
 def summary_logprobs(model, records, texts, run):
     """log p(summary | query) under a policy at temperature 1, summed over the summary's tokens and its EOS."""
-    spec = data.TASKS[run.task]
-    arrays = data.prepare_sft([dict(r, summary=t) for r, t in zip(records, texts)], run.enc, spec["query_len"],
-                              spec["rm_response_len"])
     pad, out = data.pad_id(run.enc), []
-    for i in range(0, len(texts), run.batch_size):
-        q, r = data.tensors(arrays, slice(i, i + run.batch_size), ("query", "response"), run.device)
-        tokens, cut = trim_padding(torch.cat([q, r], 1), pad)
-        n_query = q.size(1) - cut
+    for tokens, n_query in data.summary_batches(records, texts, run.enc, run.task, run.batch_size, run.device):
         with autocast(run.device, run.dtype):
             logp = model.response_logprobs(tokens, (tokens != pad).long(), n_query).float()
         out.append((logp * (tokens[:, n_query:] != pad)).sum(1).cpu())
@@ -427,9 +425,10 @@ def source(record):
 # the measurements
 
 def describe(texts, records, refs, judge, run, rm=None, kl=None):
-    """One row of the main table for a set of summaries of records. Returns the row and the judge's verdicts."""
-    wins = judge.prefer(records, texts, refs)
-    row = dict(preference=mean_se(wins), length=mean_se(token_lengths(texts, run.enc)),
+    """One row of the main table for a set of summaries of records. Returns the row, the judge's verdicts and the
+    summaries' lengths in tokens."""
+    wins, lengths = judge.prefer(records, texts, refs), token_lengths(texts, run.enc)
+    row = dict(preference=mean_se(wins), length=mean_se(lengths),
                rouge=data.mean_rouge(texts, refs), copying=mean_se([data.copying(t, source(r))
                                                                     for t, r in zip(texts, records)]))
     if isinstance(judge, Gold):
@@ -439,7 +438,7 @@ def describe(texts, records, refs, judge, run, rm=None, kl=None):
                                                        run.device, run.dtype))
     if kl is not None:
         row["kl"] = mean_se(kl)
-    return row, wins
+    return row, wins, lengths
 
 
 def best_of_n(sft, rm, records, refs, judge, run, max_n, temperature):
@@ -450,7 +449,7 @@ def best_of_n(sft, rm, records, refs, judge, run, max_n, temperature):
     scores = dict(rm=data.score_summaries(rm, many, texts, run.enc, run.task, run.batch_size, run.device, run.dtype),
                   rouge=np.array([data.rouge(t, ref)["rougeL"] for t, ref in zip(texts, np.repeat(refs, max_n))]))
     texts = np.array(texts, dtype=object).reshape(len(records), max_n)
-    rm_scores = scores["rm"].reshape(len(records), max_n)
+    rm_scores, rouge_scores = (scores[k].reshape(len(records), max_n) for k in ("rm", "rouge"))
     curves, rows = {}, np.arange(len(records))
     for name, s in scores.items():
         s = s.reshape(len(records), max_n)
@@ -460,7 +459,7 @@ def best_of_n(sft, rm, records, refs, judge, run, max_n, temperature):
             chosen = list(texts[rows, pick])
             curves[name].append(dict(n=n, kl=bon_kl(n), preference=mean_se(judge.prefer(records, chosen, refs)),
                                      rm_score=mean_se(rm_scores[rows, pick]),
-                                     rougeL=float(np.mean([data.rouge(t, f)["rougeL"] for t, f in zip(chosen, refs)])),
+                                     rougeL=float(rouge_scores[rows, pick].mean()),
                                      length=mean_se(token_lengths(chosen, run.enc))))
             n *= 2
     return curves
@@ -494,7 +493,7 @@ def reference_texts(task, data_dir):
     return refs
 
 
-def rm_analysis(comps, rm, rm_ckpt, sft, refs_by_id, run, judge):
+def rm_analysis(comps, rm, rm_ckpt, sft, refs_by_id, run):
     """Section 4.4: agreement with the labelers' choices of the RM and of simple metrics, on the same held-out
     pairs. For synth also the labelers' agreement with each other there (the ceiling), and the length bias: how
     often the RM, the labelers and the gold rubric prefer the longer summary."""
@@ -655,7 +654,7 @@ def main(argv=None):
                                 (rm is None, args.reward, "RM scores, best-of-N and the RM analysis")):
         if missing:
             print(f"evaluate: no checkpoint at {path}: {what} skipped")
-    judge = make_judge(args, run)
+    judge = make_judge(args, run, rm)
     results = dict(task=args.task, data=args.data, n=len(records), judge=judge.name, policies={})
     print(f"evaluate: {len(args.policies)} policies on {len(records)} {args.data} posts of {args.task}, judge "
           f"{judge.name}, {device} {run.dtype}")
@@ -665,15 +664,15 @@ def main(argv=None):
         policy, ckpt = load_model(path, run, ("sft", "ppo"))
         texts = summarize(policy, records, run, desc=f"{name}: summarizing")
         kl = sample(policy, records, run, args.kl_temperature, ref=sft, desc=f"{name}: KL")[1] if sft else None
-        row, wins = describe(texts, records, refs, judge, run, rm, kl)
-        return dict(path=str(path), stage=ckpt["stage"], step=ckpt["step"], **row), texts, wins
+        row, wins, lengths = describe(texts, records, refs, judge, run, rm, kl)
+        return dict(path=str(path), stage=ckpt["stage"], step=ckpt["step"], **row), texts, wins, lengths
 
     # the main table (figure 1): the references, then each policy
-    texts, wins, lengths = {"reference": refs}, {}, {"reference": token_lengths(refs, run.enc)}
-    results["policies"]["reference"], wins["reference"] = describe(refs, records, refs, judge, run, rm)
+    texts, wins, lengths = {"reference": refs}, {}, {}
+    results["policies"]["reference"], wins["reference"], lengths["reference"] = describe(refs, records, refs, judge,
+                                                                                          run, rm)
     for name, path in zip(policy_names(args.policies), args.policies):
-        results["policies"][name], texts[name], wins[name] = measure(path, name)
-        lengths[name] = token_lengths(texts[name], run.enc)
+        results["policies"][name], texts[name], wins[name], lengths[name] = measure(path, name)
     log_ratio = {n: np.log(np.maximum(lengths[n], 1) / np.maximum(lengths["reference"], 1)) for n in wins}
     lc, slope = length_controlled({n: w for n, w in wins.items() if n != "reference"}, log_ratio)
     results["length_controlled"] = dict(preference=lc, slope_per_log_length_ratio=slope)
@@ -691,8 +690,7 @@ def main(argv=None):
                                          args.bon_temperature)
     comps = held_out_comparisons(args)
     if comps:  # section 4.4
-        results["rm_analysis"] = rm_analysis(comps, rm, rm_ckpt, sft, reference_texts(args.task, args.data_dir), run,
-                                             judge)
+        results["rm_analysis"] = rm_analysis(comps, rm, rm_ckpt, sft, reference_texts(args.task, args.data_dir), run)
     if args.task == "synth" and rm is not None:  # section 4.3
         results["probes"] = probes(records, rm, run)
     if isinstance(judge, HTTPJudge):
