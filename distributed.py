@@ -36,6 +36,13 @@ def setup(device="auto"):
     if "RANK" not in os.environ or dist.is_initialized():
         return device
     if device.type == "cuda":
+        # One GPU per process: more processes on this node than GPUs would die in set_device with a CUDA traceback.
+        # Every process checks the same numbers, so all of them stop with this message before the group forms.
+        procs, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+        if procs > gpus:
+            raise ValueError(f"torchrun started {procs} processes on this node but {gpus} GPU(s) are visible: run "
+                             f"with --nproc_per_node {gpus} (one process per GPU), or pass --device cpu to run "
+                             f"{procs} CPU processes")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

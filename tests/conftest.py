@@ -14,6 +14,11 @@ import sft  # noqa: E402
 import synth  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs stages end to end (seconds each); `-m \"not slow\"` skips them "
+                            "for a quick inner loop, CI runs everything")
+
+
 @pytest.fixture(scope="session")
 def stages(tmp_path_factory):
     """Tiny SFT and reward models on a tiny synthetic dataset."""

@@ -188,6 +188,7 @@ def evaluated(stages, tmp_path_factory):
     return out, json.loads((out / "eval.json").read_text())
 
 
+@pytest.mark.slow
 def test_end_to_end_writes_every_output(evaluated):
     out, res = evaluated
     assert res["n"] == 16 and res["judge"] == "gold" and list(res["policies"]) == ["reference", "sft", "ppo"]
@@ -216,6 +217,7 @@ def test_end_to_end_writes_every_output(evaluated):
     assert page.count("\n## ") == 3 and "**reference**" in page and "**ppo**" in page
 
 
+@pytest.mark.slow
 def test_plots_are_drawn_with_matplotlib_and_skipped_without(evaluated, tmp_path, monkeypatch, capsys):
     out, res = evaluated
     pytest.importorskip("matplotlib")
@@ -227,6 +229,7 @@ def test_plots_are_drawn_with_matplotlib_and_skipped_without(evaluated, tmp_path
     assert "matplotlib is not installed" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bad_input_gets_a_clear_error(stages, tmp_path):
     root, _ = stages
     with pytest.raises(SystemExit):  # argparse: --judge gold has no rubric on the real task
@@ -236,6 +239,7 @@ def test_bad_input_gets_a_clear_error(stages, tmp_path):
                        "--policies", str(root / "out" / "reward.pt"), "--n-posts", "4", "--max-n", "0"])
 
 
+@pytest.mark.slow
 def test_quickstart_ends_with_the_table_of_its_evaluation(evaluated, capsys):
     import quickstart
     out, res = evaluated

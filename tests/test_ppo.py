@@ -101,6 +101,7 @@ def run_ppo(stages, out, *extra):
     return [json.loads(line) for line in (out / "ppo.log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_value_network_is_a_separate_copy_of_the_reward_model(stages):
     root, common = stages
     args = ppo.parse_args(common + ["--sft", str(root / "out" / "sft.pt"), "--reward", str(root / "out" /
@@ -115,6 +116,7 @@ def test_value_network_is_a_separate_copy_of_the_reward_model(stages):
     assert all(p.requires_grad for p in list(value.parameters()) + list(policy.parameters()))
 
 
+@pytest.mark.slow
 def test_short_run_first_ratio_is_one_kl_finite_score_moves(stages, tmp_path):
     log = run_ppo(stages, tmp_path)
     assert len(log) == 7 and log[0]["update"] == 0 and "gold_win_rate" in log[0]  # the SFT policy's evaluation
@@ -134,6 +136,7 @@ def test_short_run_first_ratio_is_one_kl_finite_score_moves(stages, tmp_path):
     assert (tmp_path / "ppo_step3.pt").exists() and not (tmp_path / "ppo.resume.pt").exists()
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(stages, tmp_path):
     run_ppo(stages, tmp_path / "a")
     run_ppo(stages, tmp_path / "b", "--stop-after", "3")
@@ -143,6 +146,7 @@ def test_resume_equals_uninterrupted(stages, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(stages, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = ppo.value_loss
@@ -159,6 +163,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(stages, tmp
     assert (tmp_path / "ppo_step3.pt").exists() and not (tmp_path / "ppo.pt").exists()
 
 
+@pytest.mark.slow
 def test_checkpoints_of_the_wrong_stage_are_refused(stages, tmp_path):
     root, common = stages
     args = [a if a != str(root / "out") else str(tmp_path) for a in common]

@@ -69,6 +69,7 @@ def test_pair_rewards_read_each_response_at_its_eos():
                 assert got[i].item() == pytest.approx(rm(seq)[0, -1].item(), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_short_synthetic_run_beats_chance_and_normalizes_references(sft_run, tmp_path):
     metrics = run_reward(sft_run, tmp_path)
     lines = (tmp_path / "comparisons" / "synth_train.json").read_text().splitlines()
@@ -92,6 +93,7 @@ def test_short_synthetic_run_beats_chance_and_normalizes_references(sft_run, tmp
     assert abs(metrics["reference_reward_before"]) > 1e-3  # the bias really moved
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(sft_run, tmp_path):
     run_reward(sft_run, tmp_path / "a")
     (tmp_path / "b" / "comparisons").mkdir(parents=True)
@@ -104,6 +106,7 @@ def test_resume_equals_uninterrupted(sft_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_wrong_task_and_wrong_tokenizer_are_refused(sft_run, tmp_path):
     rm_dir = tmp_path / "x"
     run = lambda *a: subprocess.run([sys.executable, str(ROOT / "reward.py"), "--task", "synth", "--data-dir",
@@ -121,6 +124,7 @@ def test_wrong_task_and_wrong_tokenizer_are_refused(sft_run, tmp_path):
     assert "not a readable checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_collect_command_compares_several_policies_in_the_original_format(sft_run, tmp_path):
     (tmp_path / "sft_a.pt").write_bytes((sft_run / "sft" / "sft.pt").read_bytes())
     (tmp_path / "sft_b.pt").write_bytes((sft_run / "sft" / "sft.pt").read_bytes())

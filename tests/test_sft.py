@@ -56,6 +56,7 @@ def test_loss_covers_exactly_the_summary_tokens():
     assert n_all.item() == (3 - 1) + 3 + (5 - 1) + 2  # every real token but each row's first
 
 
+@pytest.mark.slow
 def test_short_run_lowers_validation_loss_and_writes_a_loadable_checkpoint(synth_dir, tmp_path):
     log = run_sft(synth_dir, tmp_path, "--epochs", "3", "--eval-every", "20")
     val = [row["val_loss"] for row in log if "val_loss" in row]
@@ -74,6 +75,7 @@ def test_short_run_lowers_validation_loss_and_writes_a_loadable_checkpoint(synth
     assert not (tmp_path / "sft.resume.pt").exists()
 
 
+@pytest.mark.slow
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(synth_dir, tmp_path):
     run_sft(synth_dir, tmp_path / "a", "--epochs", "1", "--save-every", "100")
     run_sft(synth_dir, tmp_path / "b", "--epochs", "1", "--save-every", "100", "--stop-after", "7")
@@ -90,6 +92,7 @@ def run_cli(*args):
                           env={**os.environ, "TLDR_RLHF_HF_ENDPOINT": "http://127.0.0.1:9"})
 
 
+@pytest.mark.slow
 def test_bad_input_gets_a_clear_message_and_no_traceback(synth_dir, tmp_path):
     proc = run_cli("--task", "synth", "--batch-size", "64", "--micro-batch-size", "24")
     assert proc.returncode == 2 and "--batch-size 64 is not a multiple of --micro-batch-size 24" in proc.stderr

@@ -147,6 +147,7 @@ def test_collect_comparisons_writes_original_format(tmp_path, world):
     assert np.mean([r["policies"][r["choice"]] == "sup_t0" for r in duels]) > 0.8
 
 
+@pytest.mark.slow
 def test_synth_command_line(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "synth.py"), "--out-dir", str(tmp_path), "--n-train", "100",
                           "--n-valid", "100", "--n-test", "10", "--n-transfer", "10"], capture_output=True, text=True,

@@ -13,8 +13,9 @@ SHARED = ROOT.parent / "shared"
 SAMPLE = SHARED / "data" / "openai-sample"
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken")
-pytestmark = pytest.mark.skipif(not SAMPLE.is_dir() or not (SHARED / "tiktoken").is_dir(),
-                                reason=f"needs the real sample files in {SAMPLE} and the GPT-2 BPE in {SHARED}")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not SAMPLE.is_dir() or not (SHARED / "tiktoken").is_dir(),
+                                 reason=f"needs the real sample files in {SAMPLE} and the GPT-2 BPE in {SHARED}")]
 
 import evaluate  # noqa: E402
 import ppo  # noqa: E402
