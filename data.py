@@ -19,11 +19,8 @@ import argparse
 import functools
 import hashlib
 import json
-import os
 import re
 import sys
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -32,7 +29,8 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
-from model import autocast, sample_responses, trim_padding
+from model import autocast, reward_at_eos, sample_responses, trim_padding
+from support.files import atomic_open, atomic_write
 
 SYNTH_TOKENIZER = "synth-words-v1"
 # Per-task defaults, read by every stage. Query and response lengths are in tokens of the task's tokenizer; the
@@ -56,25 +54,6 @@ CACHE_VERSION = 1  # bump when the layout of prepared arrays changes
 
 class DataError(ValueError):
     """Bad or missing input data; the message names the file (and line) to look at."""
-
-
-def add_task_args(p, stage):
-    """The flags every stage shares for its task and files."""
-    p.add_argument("--task", choices=list(TASKS), default="synth", help="the paper's Reddit TL;DR or the offline "
-                   "synthetic TL;DR")
-    p.add_argument("--data-dir", help="the task's data (default: data/tldr or data/synth)")
-    p.add_argument("--out-dir", help=f"where {stage}.pt and its logs go, and earlier stages' checkpoints are found "
-                   "(default: out/<task>)")
-    p.add_argument("--cache-dir", default="data_cache", help="tokenized arrays, reused while the data is unchanged")
-
-
-def fill_task_defaults(args, defaults):
-    """Flags left unset take the task's value from the stage's table of defaults; directories follow the task."""
-    for key, value in defaults[args.task].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.out_dir = args.out_dir or f"out/{args.task}"
-    args.data_dir = args.data_dir or TASKS[args.task]["data_dir"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,11 +312,9 @@ def _cached(kind, key_parts, records, build, cache_dir):
         with np.load(npz, allow_pickle=False) as z:
             return dict(z)
     arrays, info = build()
-    npz.parent.mkdir(parents=True, exist_ok=True)
-    with open(npz.with_suffix(".npz.tmp"), "wb") as f:
+    with atomic_open(npz, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(npz.with_suffix(".npz.tmp"), npz)
-    write_atomic(meta, json.dumps(dict(key=key, kind=kind, params=key_parts, rows=len(arrays["index"]), **info),
+    atomic_write(meta, json.dumps(dict(key=key, kind=kind, params=key_parts, rows=len(arrays["index"]), **info),
                                   indent=1) + "\n")
     print(f"data: prepared {len(arrays['index']):,} {kind} rows -> {npz} {info}")
     return arrays
@@ -452,20 +429,10 @@ def mean_rouge(predictions, references):
 # ----------------------------------------------------------------------------------------------------------------
 # writing data: our files in the original formats, and the comparisons of step 1
 
-def write_atomic(path, text):
-    """Write to a temporary file, then rename: a killed run never leaves a partial file under the real name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="ascii", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_jsonl(path, objs):
     """One `json.dumps(obj)` per line with Python's defaults (ASCII, ', ' and ': '): byte for byte the format of
     OpenAI's files, so comparisons we collect sit next to theirs and go through the same readers."""
-    write_atomic(path, "".join(json.dumps(o) + "\n" for o in objs))
+    atomic_write(path, "".join(json.dumps(o) + "\n" for o in objs))
 
 
 def collect_comparisons(records, candidates, labelers, rng, ref_fraction=0.25, pairs_per_record=1, split="train",
@@ -547,131 +514,8 @@ def score_summaries(rm, records, texts, enc, task, batch_size=64, device="cpu", 
     out = []
     for tokens, _ in summary_batches(records, texts, enc, task, batch_size, device):
         with autocast(device, dtype):
-            out.append(rm.reward(tokens, (tokens != pad_id(enc)).long()).float().cpu())
+            out.append(reward_at_eos(rm, tokens, (tokens != pad_id(enc)).long()).float().cpu())
     return torch.cat(out).numpy()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# download of the real data (addresses: FORMATS.md section 0)
-
-BASE_URL = "https://openaipublic.blob.core.windows.net/summarize-from-feedback/"
-TLDR_LINES = dict(train=116722, valid=6447, test=6553)
-COMPARISON_FILES = [f"batch{i}" for i in range(3, 21)] + ["batch22", "batch0_cnndm", "cnndm0", "cnndm2",
-                                                          "edit_b2_eval_test"]
-AXIS_FILES = ["cnndm1", "cnndm3", "cnndm4", "tldraxis1", "tldraxis2"]
-KNOWN_SHA256 = {  # PROVENANCE.md
-    "batch18": "5008e223e287b4c38e434e270cf77301993adba70e1f87362f35fb928f83863a",
-    "cnndm0": "be936926b85b8d42d708529bb4fae2470918cb0bd7d8d3eb3c7a4b4cb986225b",
-    "edit_b2_eval_test": "6fa83abe0e2ecbae78644962af03c91bbf896db8ecaaf3ab672b8283a96c16c6",
-}
-
-
-def _check_file(path, remote):
-    """What can be checked without the originals: line counts, JSON that the readers accept, known hashes."""
-    stem = Path(remote).stem
-    if remote.startswith("datasets/tldr_3_filtered/"):
-        n = len(read_tldr(path))
-        if n != TLDR_LINES[stem]:
-            raise DataError(f"{path}: {n} records, expected {TLDR_LINES[stem]}")
-    elif remote.startswith("dataset/comparisons/"):
-        read_comparisons(path)
-    elif remote.startswith("dataset/axis_evals/"):
-        read_axis_evals(path)
-    if stem in KNOWN_SHA256 and hashlib.sha256(Path(path).read_bytes()).hexdigest() != KNOWN_SHA256[stem]:
-        raise DataError(f"{path}: sha256 differs from the published file")
-
-
-def _fetch(url, dest, timeout, progress=True):
-    """Download url -> dest via dest.part, resuming a partial file with an HTTP Range request."""
-    part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {}),
-                                    timeout=timeout) as resp:
-            if have and resp.status != 206:
-                have = 0  # the server ignored the range: start again
-            total = have + int(resp.headers.get("Content-Length") or 0)
-            bar = tqdm(total=total or None, initial=have, unit="B", unit_scale=True, desc=dest.name,
-                       disable=not progress)
-            with open(part, "ab" if have else "wb") as f, bar:
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    except urllib.error.HTTPError as e:
-        if e.code == 416:  # nothing left to fetch: the part file is whole
-            return part
-        raise DataError(f"{url}: HTTP error {e.code}") from e
-    except OSError as e:
-        raise DataError(f"{url}: {e}; run again to resume") from e
-    if total and part.stat().st_size != total:
-        raise DataError(f"{url}: received {part.stat().st_size} of {total} bytes; run again to resume")
-    return part
-
-
-def download(data_dir=None, base_url=BASE_URL, cnndm_n=1000, timeout=10.0):
-    """Fetch the filtered TL;DR splits, all comparison batches, the axis evals and `cnndm_n` CNN/DM test articles
-    (0 = all 11,490) into data_dir. A finished file is skipped, a partial one resumed; a file gets its final name only
-    after its checks pass. Without network it fails within `timeout` seconds, saying what to place where."""
-    data_dir = Path(data_dir or TASKS["tldr"]["data_dir"])
-    plan = [(f"datasets/tldr_3_filtered/{s}.jsonl", f"{s}.jsonl") for s in TLDR_LINES]
-    plan += [(f"dataset/comparisons/{b}.json", f"comparisons/{b}.json") for b in COMPARISON_FILES]
-    plan += [(f"dataset/axis_evals/{b}.json", f"axis_evals/{b}.json") for b in AXIS_FILES]
-    plan += [("datasets/cnndm/url_lists/all_test.txt", "cnndm/all_test.txt"), ("datasets/cnndm/titles.json",
-                                                                              "cnndm/titles.json")]
-    base_url = base_url.rstrip("/") + "/"
-    try:
-        urllib.request.urlopen(urllib.request.Request(base_url + plan[0][0], method="HEAD"), timeout=timeout).close()
-    except (OSError, ValueError) as e:  # URLError, refused, timeout
-        where = "\n".join(f"  {base_url}{remote}\n    -> {data_dir / local}" for remote, local in plan)
-        raise DataError(f"cannot reach {base_url} ({e}). Download these files elsewhere and place them as shown; "
-                        f"every reader also takes a local path. CNN/DM stories: {base_url}datasets/cnndm/cache_test/"
-                        f"{{site}}/stories/{{sha1(url)}}.story -> {data_dir}/cnndm/stories/\n{where}") from e
-    for remote, local in plan:
-        dest = data_dir / local
-        if dest.exists():
-            continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        part = _fetch(base_url + remote, dest, timeout)
-        _check_file(part, remote)
-        os.replace(part, dest)
-    urls = [u.strip() for u in (data_dir / "cnndm/all_test.txt").read_text().split("\n") if u.strip()]
-    titles = json.loads((data_dir / "cnndm/titles.json").read_text())
-    records = []
-    (data_dir / "cnndm/stories").mkdir(exist_ok=True)
-    for url in tqdm(urls[:cnndm_n or None], desc="cnndm stories"):
-        dailymail = any(s in url for s in ("dailymail.co.uk", "mailonsunday.ie", "lib.store.yahoo.net"))
-        doc_id, site = hashlib.sha1(url.encode()).hexdigest(), "dailymail" if dailymail else "cnn"  # as OpenAI's code
-        dest = data_dir / "cnndm/stories" / f"{doc_id}.story"
-        if not dest.exists():
-            os.replace(_fetch(f"{base_url}datasets/cnndm/cache_test/{site}/stories/{doc_id}.story", dest, timeout,
-                              progress=False), dest)
-        article, reference = parse_story(dest.read_text(encoding="utf-8"))
-        records.append(dict(article=article, reference=reference, id=doc_id, site=site, title=titles.get(doc_id)))
-    write_jsonl(data_dir / TASKS["tldr"]["files"]["transfer"], records)
-    print(f"data: all files in {data_dir}")
-
-
-def parse_story(text):
-    """A DMQA .story file -> (article, reference), following the processing of OpenAI's cnndm.py as FORMATS.md
-    section 4 describes it, without ftfy's text repair (not a dependency here); the Daily Mail header pattern is
-    our approximation of theirs."""
-    lines = [line.strip() for line in text.replace("\xa0", " ").split("\n")]
-    cut = lines.index("@highlight") if "@highlight" in lines else len(lines)
-    article = "\n\n".join(line for line in lines[:cut] if line)
-    article = re.sub(r"^\(CNN\)\s*(--)?\s*", "", article)
-    article = re.sub(r"^.{0,300}?UPDATED:[\s.]*\d\d:\d\d \w+, \d+ \w+ \d{4}[\s.]*", "", article, flags=re.S)
-    article = article.replace("\u2019", "'").replace("\u2018", "'").strip()
-    highlights = []
-    for line in lines[cut:]:
-        line = line.replace("NEW: ", "")
-        if not line or line == "@highlight" or line.startswith(("READ: ", "for all the latest ")):
-            continue
-        line = re.split(r"CLICK HERE|Click here|click here", line)[0].strip()
-        if line and not line.endswith((".", "!", "?", "...", "'", "`", '"', "\u2019", "\u201d", ")")):
-            line += "."  # fix_missing_period
-        if line:
-            highlights.append(line)
-    return article, " ".join(highlights)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -679,13 +523,17 @@ def parse_story(text):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    from support import openai_data  # the download is plumbing: addresses, resumption, checks
     dl = sub.add_parser("download", help="fetch OpenAI's TL;DR, comparisons, axis evals and CNN/DM test articles")
     dl.add_argument("--data-dir", default=TASKS["tldr"]["data_dir"], help="where to put the files")
-    dl.add_argument("--base-url", default=BASE_URL, help="mirror of OpenAI's summarize-from-feedback blob")
+    dl.add_argument("--base-url", default=openai_data.BASE_URL, help="mirror of OpenAI's summarize-from-feedback blob")
     dl.add_argument("--cnndm-n", type=int, default=1000, help="CNN/DM test articles for transfer (0 = all 11,490)")
     dl.add_argument("--timeout", type=float, default=10.0, help="seconds before a connection attempt fails")
     args = parser.parse_args()
-    download(args.data_dir, args.base_url, args.cnndm_n, args.timeout)
+    try:
+        openai_data.download(args.data_dir, args.base_url, args.cnndm_n, args.timeout)
+    except (DataError, ConnectionError) as e:
+        sys.exit(f"data.py: error: {e}")
 
 
 if __name__ == "__main__":

@@ -3,28 +3,19 @@ The one model of the pipeline: a GPT-2, used as policy, reference policy, reward
 
 Policy and reference carry the language-model head; the reward model and the value network carry a scalar head
 instead (the paper's section 3.4: "a randomly initialized linear head that outputs a scalar value"). Module names
-and shapes are GPT-2's, so the Hugging Face checkpoints map one to one (`from_pretrained`) and a trained policy
-exports back to that layout (`export_hf`).
+and shapes are GPT-2's, so the Hugging Face checkpoints map one to one (support/hf.py reads and writes them).
 
-Besides the model this file holds what several stages share and that is not about data: sampling with a KV cache,
-response log-probs, reading a reward at the EOS token, mixed precision, the optimizer, and checkpoint I/O.
+Besides the model this file holds what the stages compute with it: sampling with a KV cache, the log-probs of a
+response, the reward read at the EOS token, mixed precision, and the optimizer and its schedule.
 
-    python model.py export out/synth/ppo.pt hf/ppo     # a checkpoint -> config.json + model.safetensors
     python model.py demo                               # a tiny random GPT: padding, KV cache, sampling
+    python model.py export out/synth/ppo.pt hf/ppo     # a checkpoint -> config.json + model.safetensors
 """
 import argparse
 import contextlib
-import json
 import math
-import os
-import pickle
-import struct
 import sys
-import urllib.error
-import urllib.request
-import zipfile
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -240,28 +231,6 @@ class GPT(nn.Module):
             return self.score(x).squeeze(-1)
         return F.linear(x, self.lm_head.weight, self.logit_bias)
 
-    # ----------------------------------------------------------------------------------------------------------------
-    # what the stages compute with the model
-
-    def response_logprobs(self, tokens, attention_mask, n_query, temperature=1.0, with_entropy=False):
-        """Log-probs of the response tokens tokens[:, n_query:] given everything before them, at a temperature.
-
-        The logits are divided by the same temperature used when sampling, so these log-probs describe the
-        distribution the tokens were drawn from (PPO's first ratio is then exactly 1). log_softmax runs in fp32.
-        Returns (B, R) log-probs, and (B, R) entropies when with_entropy."""
-        logits = self(tokens, attention_mask, head_from=n_query - 1)[:, :-1]  # position t predicts token t + 1
-        logp_all = F.log_softmax(logits.float() / max(temperature, 1e-7), dim=-1)  # (B, R, V)
-        logp = logp_all.gather(-1, tokens[:, n_query:, None]).squeeze(-1)
-        if not with_entropy:
-            return logp
-        return logp, -(logp_all.exp() * logp_all).sum(-1)
-
-    def reward(self, tokens, attention_mask):
-        """Scalar-head output at each row's last real token - the response's EOS - whatever the padding on either
-        side (section 3.4: the reward is read once the whole summary has been seen). Returns (B,) fp32."""
-        values = self(tokens, attention_mask).float()  # (B, T)
-        return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
-
     @torch.no_grad()
     def generate(self, idx, attention_mask=None, max_new_tokens=48, temperature=1.0, eos_id=None, pad_id=None,
                  generator=None, return_logprobs=False):
@@ -293,76 +262,36 @@ class GPT(nn.Module):
         out = torch.cat([idx, new], dim=1)
         return (out, logprobs) if return_logprobs else out
 
-    # ----------------------------------------------------------------------------------------------------------------
-    # Hugging Face GPT-2 checkpoints
 
-    @classmethod
-    def from_pretrained(cls, name_or_dir, head="lm"):
-        """A GPT-2 from a Hugging Face checkpoint: a directory with config.json + model.safetensors, or one of the
-        names in PRESETS (downloaded once into the cache, see hf_files). No transformers, no safetensors package."""
-        folder = hf_files(name_or_dir)
-        hf_cfg = json.loads((folder / "config.json").read_text())
-        if hf_cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-            raise ValueError(f"{folder}/config.json: activation {hf_cfg['activation_function']!r} is not GPT-2's")
-        variant = (hf_cfg.get("scale_attn_by_inverse_layer_idx") or hf_cfg.get("add_cross_attention")
-                   or not hf_cfg.get("scale_attn_weights", True)
-                   or hf_cfg.get("n_inner") not in (None, 4 * hf_cfg["n_embd"]))
-        if variant:
-            raise ValueError(f"{folder}/config.json: variants beyond GPT-2's architecture are not supported")
-        cfg = GPTConfig(vocab_size=hf_cfg["vocab_size"], block_size=hf_cfg.get("n_positions", hf_cfg.get("n_ctx")),
-                        n_layer=hf_cfg["n_layer"], n_head=hf_cfg["n_head"], n_embd=hf_cfg["n_embd"],
-                        layer_norm_eps=hf_cfg.get("layer_norm_epsilon", 1e-5), head=head)
-        model = cls(cfg)
-        hf = {k.removeprefix("transformer."): v for k, v in read_safetensors(folder / "model.safetensors").items()}
-        # Old checkpoints also store the causal-mask buffers; the LM head is the (tied) token embedding.
-        buffers = (".attn.bias", ".attn.masked_bias")
-        hf = {k: v for k, v in hf.items() if not k.endswith(buffers) and k != "lm_head.weight"}
-        ours = {k: v for k, v in model.state_dict().items() if k.startswith("transformer.")}
-        missing = sorted(k.removeprefix("transformer.") for k in ours if k.removeprefix("transformer.") not in hf)
-        unexpected = sorted(set(hf) - {k.removeprefix("transformer.") for k in ours})
-        if missing or unexpected:
-            raise ValueError(f"{folder}/model.safetensors does not match GPT-2: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for key, param in ours.items():
-                src = hf[key.removeprefix("transformer.")].float()
-                if key.endswith(CONV1D_WEIGHTS):
-                    src = src.t()  # HF's Conv1D stores (in, out); nn.Linear wants (out, in)
-                if key == "transformer.wte.weight":
-                    assert src.shape == (cfg.vocab_size, cfg.n_embd), (key, src.shape)
-                    param[: cfg.vocab_size].copy_(src)  # the padding rows stay zero
-                else:
-                    assert src.shape == param.shape, (key, tuple(src.shape), tuple(param.shape))
-                    param.copy_(src)
-        return model
+# --------------------------------------------------------------------------------------------------------------------
+# what the stages compute with the model. Free functions of a module, not methods: they work the same on a bare GPT
+# and on one wrapped for training (DDP, torch.compile), whose forward must run through the wrapper.
 
-    def export_hf(self, out_dir, eos_id=None):
-        """Write config.json + model.safetensors in the layout of Hugging Face's GPT2LMHeadModel, so a policy
-        trained here loads in transformers (GPT2LMHeadModel.from_pretrained) and in tools that read that layout."""
-        cfg = self.config
-        if cfg.head != "lm":
-            raise ValueError("only language-model policies export to the GPT-2 layout (this model has a scalar head)")
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for key, t in self.state_dict().items():
-            if key == "lm_head.weight":
-                continue  # tied to wte; transformers re-ties it on load
-            t = t.detach().float().cpu()
-            if key == "transformer.wte.weight":
-                t = t[: cfg.vocab_size]
-            elif key.endswith(CONV1D_WEIGHTS):
-                t = t.t()
-            tensors[key] = t.contiguous()
-        eos = cfg.vocab_size - 1 if eos_id is None else eos_id  # GPT-2's <|endoftext|> is its last token
-        hf_cfg = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg.vocab_size,
-                      n_positions=cfg.block_size, n_ctx=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                      n_head=cfg.n_head, n_inner=None, activation_function="gelu_new", resid_pdrop=0.0,
-                      embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.layer_norm_eps,
-                      initializer_range=0.02, bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=True,
-                      scale_attn_weights=True, use_cache=True, torch_dtype="float32")
-        write_safetensors(out_dir / "model.safetensors", tensors)
-        atomic_write_text(out_dir / "config.json", json.dumps(hf_cfg, indent=2) + "\n")
+def response_logprobs(model, tokens, attention_mask, n_query, temperature=1.0, with_entropy=False):
+    """Log-probs of the response tokens tokens[:, n_query:] given everything before them, at a temperature.
+
+    The logits are divided by the same temperature used when sampling, so these log-probs describe the distribution
+    the tokens were drawn from (PPO's first ratio is then exactly 1). log_softmax runs in fp32. Returns (B, R)
+    log-probs, and (B, R) entropies when with_entropy."""
+    logits = model(tokens, attention_mask, head_from=n_query - 1)[:, :-1]  # position t predicts token t + 1
+    logp_all = F.log_softmax(logits.float() / max(temperature, 1e-7), dim=-1)  # (B, R, V)
+    logp = logp_all.gather(-1, tokens[:, n_query:, None]).squeeze(-1)
+    if not with_entropy:
+        return logp
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+def reward_at_eos(model, tokens, attention_mask):
+    """A scalar-head model's output at each row's last real token - the response's EOS - whatever the padding on
+    either side (section 3.4: the reward is read once the whole summary has been seen). Returns (B,) fp32."""
+    values = model(tokens, attention_mask).float()  # (B, T)
+    return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+
+def last_token_index(attention_mask):
+    """(B, T) mask -> (B,) index of each row's last real token (the EOS of a response, followed only by padding)."""
+    T = attention_mask.size(1)
+    return T - 1 - attention_mask.long().flip(1).argmax(1)
 
 
 def sample_token(logits, temperature=1.0, generator=None):
@@ -409,161 +338,8 @@ def sample_responses(model, queries, max_new_tokens, temperature, eos_id, pad_id
     return torch.cat(out)
 
 
-# The paper's learning rates (appendix B.1) at its two sizes, 1.3B and 6.7B parameters. GPT-2's sizes lie outside
-# that range, so defaults come from the power law through those two points (lr ~ N^-0.49 for SFT, N^-0.67 for the
-# RM, N^-0.46 for PPO): e.g. SFT 2.0e-4 at 124M, 5.9e-5 at 1.5B. An extrapolation, documented as such in --help.
-PAPER_LR = {"sft": (6.35e-5, 2.83e-5), "reward": (1.5e-5, 5e-6), "ppo": (1.5e-5, 7e-6)}
-
-
-def paper_lr(stage, n_params):
-    lr_small, lr_large = PAPER_LR[stage]
-    slope = math.log(lr_large / lr_small) / math.log(6.7e9 / 1.3e9)
-    return lr_small * (n_params / 1.3e9) ** slope
-
-
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def last_token_index(attention_mask):
-    """(B, T) mask -> (B,) index of each row's last real token (the EOS of a response, followed only by padding)."""
-    T = attention_mask.size(1)
-    return T - 1 - attention_mask.long().flip(1).argmax(1)
-
-
 # --------------------------------------------------------------------------------------------------------------------
-# safetensors, read and written by hand: 8 bytes little-endian header length, a JSON header mapping each name to its
-# dtype, shape and [begin, end) byte offsets in the data that follows, then the raw little-endian tensor bytes.
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
-
-
-def read_safetensors(path):
-    path = Path(path)
-    data = bytearray(path.stat().st_size)  # writable, so torch.frombuffer can view it without a warning
-    with open(path, "rb") as f:
-        f.readinto(data)
-    if len(data) < 8:
-        raise ValueError(f"{path}: not a safetensors file (only {len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    try:
-        header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a safetensors file (bad JSON header: {e})") from None
-    body = memoryview(data)[8 + n:]
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        count = math.prod(info["shape"])
-        if end - begin != count * torch.tensor([], dtype=dtype).element_size() or end > len(body):
-            raise ValueError(f"{path}: tensor {name} has inconsistent offsets {begin}..{end}")
-        t = torch.frombuffer(body, dtype=dtype, count=count, offset=begin) if count else torch.empty(0, dtype=dtype)
-        tensors[name] = t.reshape(info["shape"]).clone()  # clone: own the memory, not the file's buffer
-    return tensors
-
-
-def write_safetensors(path, tensors):
-    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, t in tensors.items():
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the format pads the header so the data starts 8-byte aligned
-    tmp = Path(f"{path}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for t in tensors.values():
-            f.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    os.replace(tmp, path)
-
-
-def hf_files(name_or_dir):
-    """A folder with config.json + model.safetensors: the given directory, or the cached download of a GPT-2 name."""
-    p = Path(name_or_dir)
-    if p.is_dir():
-        for f in ("config.json", "model.safetensors"):
-            if not (p / f).is_file():
-                raise FileNotFoundError(f"{p / f} is missing: a Hugging Face GPT-2 directory needs config.json and "
-                                        "model.safetensors")
-        return p
-    if name_or_dir not in PRESETS:
-        raise ValueError(f"unknown model {name_or_dir!r}: give one of {', '.join(PRESETS)} or a directory holding "
-                         "config.json and model.safetensors")
-    folder = Path(os.environ.get("TLDR_RLHF_CACHE", Path.home() / ".cache" / "tldr-rlhf")) / name_or_dir
-    endpoint = os.environ.get("TLDR_RLHF_HF_ENDPOINT", "https://huggingface.co")
-    for f in ("config.json", "model.safetensors"):
-        if not (folder / f).is_file():
-            download(f"{endpoint}/{name_or_dir}/resolve/main/{f}", folder / f,
-                     hint=f"With no network, put config.json and model.safetensors of the Hugging Face repo "
-                          f"'{name_or_dir}' in {folder}/ (or pass a local directory instead of the name).")
-    return folder
-
-
-def download(url, dest, hint=""):
-    """Fetch url to dest with a progress bar, resuming a partial .part file; fail fast (10 s) without a network."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = Path(f"{dest}.part")
-    have = part.stat().st_size if part.exists() else 0
-    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        resp = urllib.request.urlopen(req, timeout=10)
-    except urllib.error.HTTPError as e:
-        if e.code == 416:  # the .part is already complete
-            os.replace(part, dest)
-            return dest
-        raise ConnectionError(f"could not download {url}: HTTP {e.code}. {hint}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise ConnectionError(f"could not download {url}: {getattr(e, 'reason', e)}. {hint}") from None
-    with resp:
-        if have and resp.status != 206:
-            have = 0  # the server ignored the range: start over
-        total = int(resp.headers.get("Content-Length", 0)) + have
-        with open(part, "ab" if have else "wb") as f, tqdm(total=total or None, initial=have, unit="B",
-                                                           unit_scale=True, desc=dest.name) as bar:
-            while chunk := resp.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-    if total and part.stat().st_size != total:
-        raise ConnectionError(f"download of {url} stopped at {part.stat().st_size} of {total} bytes; run again to "
-                              "resume")
-    os.replace(part, dest)
-    return dest
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# devices, precision, optimizer
-
-def add_run_args(p, stage, compile=True):
-    """The flags every stage shares for the run itself: seed, device, precision, compile, resume."""
-    p.add_argument("--seed", type=int, default=0, help="seed for initialization, data order and sampling")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast dtype: auto = bf16 on GPUs that support it, fp32 otherwise")
-    if compile:
-        p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--resume", action="store_true", help=f"continue an interrupted run from <out>/{stage}.resume.pt")
-    p.add_argument("--stop-after", type=int, help="stop after this many steps as if killed, leaving the resume "
-                   "state (for time-sliced jobs, and the resume tests)")
-
-
-def pick_device(name="auto"):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name}: not a device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is visible to PyTorch here; use --device cpu")
-    return device
-
+# mixed precision and optimization
 
 def pick_dtype(device, name="auto"):
     """bf16 where the GPU supports it, fp32 elsewhere (a CPU has no speed to gain from bf16 autocast)."""
@@ -601,110 +377,16 @@ def cosine_lr(step, total, peak, warmup=0.0):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# checkpoints: plain dicts of tensors and Python values, read with weights_only=True so loading never runs code
-
-CHECKPOINT_FORMAT = "tldr-rlhf/1"
-
-
-class CheckpointError(Exception):
-    pass
+# The paper's learning rates (appendix B.1) at its two sizes, 1.3B and 6.7B parameters. GPT-2's sizes lie outside
+# that range, so defaults come from the power law through those two points (lr ~ N^-0.49 for SFT, N^-0.67 for the
+# RM, N^-0.46 for PPO): e.g. SFT 2.0e-4 at 124M, 5.9e-5 at 1.5B. An extrapolation, documented as such in --help.
+PAPER_LR = {"sft": (6.35e-5, 2.83e-5), "reward": (1.5e-5, 5e-6), "ppo": (1.5e-5, 7e-6)}
 
 
-def plain(obj):
-    """Args and metrics as values torch.load(weights_only=True) accepts: dicts, lists, str, numbers, bool, None."""
-    if isinstance(obj, argparse.Namespace):
-        obj = vars(obj)
-    if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    return str(obj)
-
-
-def save_checkpoint(path, model, *, stage, task, tokenizer, args=None, step=0, metrics=None, **extra):
-    """Write {format, stage, task, tokenizer, config, model, args, step, metrics, **extra} atomically: a temporary
-    file then os.replace, so a run killed mid-save leaves the previous checkpoint intact. extra may hold tensors and
-    state dicts (optimizer, RNG), which weights_only loading accepts."""
-    ckpt = dict(format=CHECKPOINT_FORMAT, stage=stage, task=task, tokenizer=tokenizer, config=asdict(model.config),
-                model=model.state_dict(), args=plain(args or {}), step=step, metrics=plain(metrics or {}), **extra)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{path}.tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, stage=None, map_location="cpu"):
-    """Read a checkpoint written by save_checkpoint; stage (a name or a tuple of names) is what the caller expects.
-    Anything else - a missing file, a file that is not a checkpoint, pickled code, another stage - is a
-    CheckpointError that names the file and what was expected."""
-    path = Path(path)
-    want = (stage,) if isinstance(stage, str) else stage
-    what = f"a {' or '.join(want)} checkpoint" if want else "a checkpoint"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file (expected {what})")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
-        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch.save archive); expected {what}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), "not plain data")
-        raise CheckpointError(f"{path}: refused to load: it holds pickled objects or code, not plain tensors "
-                              f"({why})") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); expected {what}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a tldr-rlhf checkpoint (expected {what})")
-    if want and ckpt["stage"] not in want:
-        raise CheckpointError(f"{path}: is a {ckpt['stage']} checkpoint, expected {what}")
-    return ckpt
-
-
-def save_resume_state(path, model, optimizer, *, stage, task, tokenizer, args, step, **extra):
-    """What --resume needs besides the weights: the optimizer, the torch RNG and the step (plus a stage's extras)."""
-    save_checkpoint(path, model, stage=stage, task=task, tokenizer=tokenizer, args=args, step=step,
-                    optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), **extra)
-
-
-def load_resume_state(path, model, optimizer, stage):
-    """Restore the weights, the optimizer and the torch RNG saved by save_resume_state; returns the checkpoint (its
-    step and extras)."""
-    state = load_checkpoint(path, stage=stage)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    print(f"{stage}: resumed at step {state['step']} from {path}")
-    return state
-
-
-def model_from_checkpoint(ckpt, head=None):
-    """Rebuild the GPT of a checkpoint. head='scalar' on an LM checkpoint gives the reward model's starting point:
-    the same trunk with a fresh scalar head (and the reverse is refused: a reward model is no policy)."""
-    cfg = GPTConfig(**{f.name: ckpt["config"][f.name] for f in fields(GPTConfig) if f.name in ckpt["config"]})
-    if head is not None and head != cfg.head:
-        if cfg.head == "scalar":
-            raise CheckpointError(f"a {ckpt['stage']} checkpoint has a scalar head and cannot become a policy")
-        cfg.head = head
-    model = GPT(cfg)
-    state = ckpt["model"]
-    if cfg.head != ckpt["config"]["head"]:
-        state = {k: v for k, v in state.items() if k.startswith("transformer.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (cfg.head != ckpt["config"]["head"] and k.startswith("score."))]
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt['stage']} checkpoint does not fit its config: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    return model
-
-
-def atomic_write_text(path, text):
-    path = Path(path)
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def paper_lr(stage, n_params):
+    lr_small, lr_large = PAPER_LR[stage]
+    slope = math.log(lr_large / lr_small) / math.log(6.7e9 / 1.3e9)
+    return lr_small * (n_params / 1.3e9) ** slope
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -735,9 +417,11 @@ def main():
     args = parser.parse_args()
     if args.command == "demo":
         return demo()
+    from support import hf  # the file formats live with the plumbing
+    from support.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
     try:
         ckpt = load_checkpoint(args.checkpoint, stage=("sft", "ppo"))
-        model_from_checkpoint(ckpt).export_hf(args.out_dir)
+        hf.export(model_from_checkpoint(ckpt), args.out_dir)
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {args.out_dir}/config.json and model.safetensors (tokenizer: {ckpt['tokenizer']})")

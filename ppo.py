@@ -33,10 +33,12 @@ import numpy as np
 import torch
 
 import data
-import distributed
-from model import (GPT, CheckpointError, add_run_args, autocast, configure_optimizers, load_checkpoint,
-                   load_resume_state, model_from_checkpoint, paper_lr, pick_dtype, save_checkpoint,
-                   save_resume_state, trim_padding)
+from model import (autocast, configure_optimizers, paper_lr, pick_dtype, response_logprobs, reward_at_eos,
+                   trim_padding)
+from support import distributed
+from support.checkpoint import (CheckpointError, load_checkpoint, load_resume_state, model_from_checkpoint,
+                                save_checkpoint, save_resume_state)
+from support.cli import add_run_args, add_task_args, fill_task_defaults
 
 # tldr follows the paper and Huang et al. (2024): 512 episodes per update, 4 epochs, ~1M episodes, lr by model size.
 # synth is sized for a 2-core CPU and was chosen by measurement (see README).
@@ -137,7 +139,7 @@ def explained_variance(values, returns, mask, across_ranks=False):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data.add_task_args(p, "ppo")
+    add_task_args(p, "ppo")
     p.add_argument("--sft", help="policy and reference (default: <out>/sft.pt)")
     p.add_argument("--reward", help="reward model, and the value network's start (default: <out>/reward.pt)")
     # the objective
@@ -172,7 +174,7 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, help="updates between ppo_step<N>.pt checkpoints (and the resume state)")
     add_run_args(p, "ppo", compile=False)
     args = p.parse_args(argv)
-    data.fill_task_defaults(args, DEFAULTS)
+    fill_task_defaults(args, DEFAULTS)
     args.sft = args.sft or str(Path(args.out_dir) / "sft.pt")
     args.reward = args.reward or str(Path(args.out_dir) / "reward.pt")
     for big, small in (("rollout-batch-size", "minibatch-size"), ("rollout-batch-size", "micro-batch-size")):
@@ -195,18 +197,11 @@ def parse_args(argv=None):
     return args
 
 
-def check(ckpt, path, args, enc):
-    if ckpt["task"] != args.task or ckpt["tokenizer"] != enc.name:
-        raise CheckpointError(f"{path}: task {ckpt['task']}, tokenizer {ckpt['tokenizer']}; --task {args.task} uses "
-                              f"{enc.name}")
-
-
 def build_models(args, enc, device):
     """Policy and reference from SFT; the value network a separate copy of the reward model (normalization bias
     included), trained alongside the policy; the reward model itself frozen."""
-    sft_ckpt, rm_ckpt = load_checkpoint(args.sft, stage="sft"), load_checkpoint(args.reward, stage="reward")
-    check(sft_ckpt, args.sft, args, enc)
-    check(rm_ckpt, args.reward, args, enc)
+    sft_ckpt = load_checkpoint(args.sft, stage="sft", task=args.task, tokenizer=enc.name)
+    rm_ckpt = load_checkpoint(args.reward, stage="reward", task=args.task, tokenizer=enc.name)
     policy = model_from_checkpoint(sft_ckpt).to(device)
     value = model_from_checkpoint(rm_ckpt).to(device)
     ref = model_from_checkpoint(sft_ckpt).to(device).eval().requires_grad_(False)
@@ -321,10 +316,10 @@ def main(argv=None):
                 mask = (tokens != pad).long()
                 resp_mask = mask[:, q.size(1):].float()
                 with autocast(device, dtype):
-                    logp = policy.response_logprobs(tokens, mask, q.size(1), args.temperature)
-                    ref_logp = ref.response_logprobs(tokens, mask, q.size(1), args.temperature)
+                    logp = response_logprobs(policy, tokens, mask, q.size(1), args.temperature)
+                    ref_logp = response_logprobs(ref, tokens, mask, q.size(1), args.temperature)
                     values = value(tokens, mask, head_from=q.size(1) - 1)[:, :-1].float()
-                    score = rm.reward(tokens, mask)
+                    score = reward_at_eos(rm, tokens, mask)
                 has_eos = (tokens[:, q.size(1):] == eos).any(1)
                 score = torch.where(has_eos, score, torch.full_like(score, args.no_eos_score))
                 rollout.append(dict(tokens=tokens, mask=mask, n_query=q.size(1), resp_mask=resp_mask, logp=logp,
@@ -355,9 +350,8 @@ def main(argv=None):
                     skip = i != minibatch[-1]  # DDP averages the gradients once per minibatch, after its last part
                     with (distributed.no_sync(train_policy, skip), distributed.no_sync(train_value, skip),
                           autocast(device, dtype)):
-                        # GPT's method with the DDP wrapper as `self`, so that its forward runs through DDP
-                        new_logp, entropy = GPT.response_logprobs(train_policy, r["tokens"], r["mask"], r["n_query"],
-                                                                  args.temperature, with_entropy=True)
+                        new_logp, entropy = response_logprobs(train_policy, r["tokens"], r["mask"], r["n_query"],
+                                                              args.temperature, with_entropy=True)
                         vpred = train_value(r["tokens"], r["mask"], head_from=r["n_query"] - 1)[:, :-1].float()
                     pg, clipfrac, approx_kl = policy_loss(new_logp, r["logp"], r["advantages"], r["resp_mask"],
                                                           args.clip)

@@ -26,7 +26,7 @@ import ppo
 import reward
 import sft
 import synth
-from model import CheckpointError
+from support.checkpoint import CheckpointError
 
 
 def main(argv=None):

@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 
 import data
-import distributed
 import synth
-from model import (GPT, CheckpointError, add_run_args, autocast, configure_optimizers, cosine_lr, load_checkpoint,
-                   load_resume_state, model_from_checkpoint, paper_lr, pick_dtype, save_checkpoint,
-                   save_resume_state, trim_padding)
+from model import autocast, configure_optimizers, cosine_lr, paper_lr, pick_dtype, reward_at_eos, trim_padding
+from support import distributed
+from support.checkpoint import (CheckpointError, load_checkpoint, load_resume_state, model_from_checkpoint,
+                                save_checkpoint, save_resume_state)
+from support.cli import add_run_args, add_task_args, fill_task_defaults
 
 DEFAULTS = {
     "tldr": dict(batch_size=64, micro_batch_size=8, lr=None, warmup=0.0, eval_every=200, save_every=200,
@@ -42,7 +43,7 @@ DEFAULTS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data.add_task_args(p, "reward")
+    add_task_args(p, "reward")
     p.add_argument("--sft", help="the SFT checkpoint the reward model starts from (default: <out>/sft.pt)")
     p.add_argument("--comparisons", nargs="+", help="comparison files (default tldr: <data>/comparisons/*.json; "
                    "synth: <out>/comparisons/synth_*.json, collected first when missing)")
@@ -75,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, help="steps between resumable checkpoints (<out>/reward.resume.pt)")
     add_run_args(p, "reward")
     args = p.parse_args(argv)
-    data.fill_task_defaults(args, DEFAULTS)
+    fill_task_defaults(args, DEFAULTS)
     args.sft = args.sft or str(Path(args.out_dir) / "sft.pt")
     # synth: each process's share of the batch in one pass
     args.micro_batch_size = args.micro_batch_size or max(1, args.batch_size // distributed.world_size())
@@ -88,8 +89,7 @@ def pair_rewards(rm, query, response0, response1, pad):
     is read at the response's EOS, the last real token (model.GPT.reward)."""
     tokens = torch.cat([torch.cat([query, response0], 1), torch.cat([query, response1], 1)])
     tokens, _ = trim_padding(tokens, pad)
-    # GPT.reward with rm as `self`: when rm is wrapped (DDP, torch.compile), its forward runs through the wrapper.
-    r = GPT.reward(rm, tokens, (tokens != pad).long())
+    r = reward_at_eos(rm, tokens, (tokens != pad).long())
     return r.chunk(2)
 
 
@@ -123,7 +123,7 @@ def reference_rewards(rm, records, enc, args, device, dtype):
         q, r = data.tensors(arrays, slice(i, i + args.micro_batch_size), ("query", "response"), device)
         tokens, _ = trim_padding(torch.cat([q, r], 1), pad)
         with autocast(device, dtype):
-            out.append(rm.reward(tokens, (tokens != pad).long()).float().cpu())
+            out.append(reward_at_eos(rm, tokens, (tokens != pad).long()).float().cpu())
     return torch.cat(out).numpy()
 
 
@@ -202,10 +202,7 @@ def main(argv=None):
     pad = data.pad_id(enc)
 
     # the SFT model: the reward model's starting point and, for synth, the policy whose samples are compared
-    sft_ckpt = load_checkpoint(args.sft, stage="sft")
-    if sft_ckpt["task"] != args.task or sft_ckpt["tokenizer"] != enc.name:
-        raise CheckpointError(f"{args.sft}: an SFT model of task {sft_ckpt['task']} with tokenizer "
-                              f"{sft_ckpt['tokenizer']}, but --task {args.task} uses {enc.name}")
+    sft_ckpt = load_checkpoint(args.sft, stage="sft", task=args.task, tokenizer=enc.name)
 
     # data
     records = load_comparisons(args, enc, sft_ckpt, device, dtype)

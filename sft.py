@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 
 import data
-import distributed
-from model import (GPT, CheckpointError, GPTConfig, add_run_args, autocast, configure_optimizers, cosine_lr,
-                   load_checkpoint, load_resume_state, model_from_checkpoint, paper_lr, pick_dtype,
-                   sample_responses, save_checkpoint, save_resume_state, trim_padding)
+from model import (GPT, GPTConfig, autocast, configure_optimizers, cosine_lr, paper_lr, pick_dtype, sample_responses,
+                   trim_padding)
+from support import distributed, hf
+from support.checkpoint import (CheckpointError, load_checkpoint, load_resume_state, model_from_checkpoint,
+                                save_checkpoint, save_resume_state)
+from support.cli import add_run_args, add_task_args, fill_task_defaults
 
 # Task defaults; a flag left at None takes its value from here. tldr follows the paper (batch 128, one epoch,
 # cosine decay, learning rate by model size); synth is sized so the whole stage takes minutes on a 2-core CPU.
@@ -40,7 +42,7 @@ DEFAULTS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data.add_task_args(p, "sft")
+    add_task_args(p, "sft")
     # model
     p.add_argument("--model", help="tldr: a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face "
                    "directory, or an sft.pt to continue from; synth: 'scratch' (default) builds a new small GPT")
@@ -71,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, help="steps between resumable checkpoints (<out>/sft.resume.pt)")
     add_run_args(p, "sft")
     args = p.parse_args(argv)
-    data.fill_task_defaults(args, DEFAULTS)
+    fill_task_defaults(args, DEFAULTS)
     # synth: each process's share of the batch in one pass
     args.micro_batch_size = args.micro_batch_size or max(1, args.batch_size // distributed.world_size())
     distributed.check_batch(p, "batch-size", args.batch_size, "micro-batch-size", args.micro_batch_size)
@@ -84,11 +86,8 @@ def build_model(args, enc, block_size):
         return GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=block_size, n_layer=args.n_layer, n_head=args.n_head,
                              n_embd=args.n_embd))
     if args.model.endswith(".pt"):
-        ckpt = load_checkpoint(args.model, stage="sft")
-        if ckpt["tokenizer"] != enc.name:
-            raise CheckpointError(f"{args.model}: tokenizer {ckpt['tokenizer']}, but task {args.task} uses {enc.name}")
-        return model_from_checkpoint(ckpt)
-    model = GPT.from_pretrained(args.model)
+        return model_from_checkpoint(load_checkpoint(args.model, stage="sft", tokenizer=enc.name))
+    model = hf.from_pretrained(args.model)
     if model.config.vocab_size != enc.n_vocab:
         raise ValueError(f"--model {args.model} has {model.config.vocab_size} tokens, the {enc.name} tokenizer "
                          f"{enc.n_vocab}")

@@ -39,8 +39,9 @@ from pathlib import Path
 import numpy as np
 
 from data import (PAT_ASCII, SYNTH_TOKENIZER, TASKS, TEMPLATES, DataError, as_response, collect_comparisons,
-                  format_query, get_tokenizer, load_split, summarize, write_atomic, write_jsonl)
-from model import CheckpointError, load_checkpoint, model_from_checkpoint
+                  format_query, get_tokenizer, load_split, summarize, write_jsonl)
+from support.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from support.files import atomic_write
 
 # ----------------------------------------------------------------------------------------------------------------
 # the world's tables. Everything is ASCII and free of apostrophes, so each word is one token. Editing them changes
@@ -430,7 +431,7 @@ def write_synth(out_dir, seed=0, sizes=None, n_labelers=10):
                  perfect_vs_reference=round(gold_win_rate(valid, [perfect_summary(r) for r in valid]), 4),
                  labelers=[x.worker for x in labelers],
                  agreement=round(labeler_agreement(valid, labelers, random.Random(seed)), 4))
-    write_atomic(out_dir / "synth.json", json.dumps(stats, indent=1) + "\n")
+    atomic_write(out_dir / "synth.json", json.dumps(stats, indent=1) + "\n")
     return stats
 
 
@@ -471,9 +472,7 @@ def main():
 def collect_command(args):
     policies = {}
     for path in args.policies:
-        ckpt = load_checkpoint(path, stage=("sft", "ppo"))
-        if ckpt["tokenizer"] != SYNTH_TOKENIZER:
-            raise DataError(f"{path}: a policy with tokenizer {ckpt['tokenizer']}, not the synthetic task's")
+        ckpt = load_checkpoint(path, stage=("sft", "ppo"), task="synth", tokenizer=SYNTH_TOKENIZER)
         policies[Path(path).stem] = model_from_checkpoint(ckpt).eval()
     posts = load_split("synth", args.split, args.data_dir)[:args.n_posts]
     comps = collect(policies, posts, get_tokenizer(SYNTH_TOKENIZER), make_labelers(args.labelers, args.seed),

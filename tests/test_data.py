@@ -26,6 +26,7 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken").is_dir():
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import synth  # noqa: E402  (synthetic records as test inputs)
+from support import openai_data  # noqa: E402
 
 needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"real sample files not found at {SAMPLE}")
 
@@ -299,7 +300,7 @@ def test_bad_comparison(tmp_path):
 def test_download_without_network_fails_fast(tmp_path):
     start = time.time()
     with pytest.raises(data.DataError) as err:
-        data.download(tmp_path, base_url="http://127.0.0.1:9", timeout=5)
+        openai_data.download(tmp_path, base_url="http://127.0.0.1:9", timeout=5)
     assert time.time() - start < 10
     assert "train.jsonl" in str(err.value) and "comparisons/batch3.json" in str(err.value)
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
@@ -343,16 +344,16 @@ def test_download_resumes_and_checks(tmp_path, monkeypatch):
     for name, text in files.items():
         (blob / name).parent.mkdir(parents=True, exist_ok=True)
         (blob / name).write_text(text)
-    monkeypatch.setattr(data, "TLDR_LINES", dict(train=3, valid=3, test=3))
-    monkeypatch.setattr(data, "COMPARISON_FILES", ["batch18"])
-    monkeypatch.setattr(data, "AXIS_FILES", ["cnndm1"])
+    monkeypatch.setattr(openai_data, "TLDR_LINES", dict(train=3, valid=3, test=3))
+    monkeypatch.setattr(openai_data, "COMPARISON_FILES", ["batch18"])
+    monkeypatch.setattr(openai_data, "AXIS_FILES", ["cnndm1"])
     (dest / "comparisons").mkdir(parents=True)
     (dest / "comparisons/batch18.json.part").write_bytes((SAMPLE / "comparisons/batch18.json").read_bytes()[:5000])
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_RangeHandler, directory=str(blob)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/"
     try:
-        data.download(dest, base_url=url, cnndm_n=0)
+        openai_data.download(dest, base_url=url, cnndm_n=0)
         assert (dest / "comparisons/batch18.json").read_bytes() == (SAMPLE / "comparisons/batch18.json").read_bytes()
         assert _RangeHandler.ranged == [("/dataset/comparisons/batch18.json", "bytes=5000-")]  # resumed, not restarted
         assert data.read_tldr(dest / "valid.jsonl") == data.read_tldr(blob / "datasets/tldr_3_filtered/valid.jsonl")
@@ -363,7 +364,7 @@ def test_download_resumes_and_checks(tmp_path, monkeypatch):
         (dest / "valid.jsonl").unlink()
         (blob / "datasets/tldr_3_filtered/valid.jsonl").write_text(tldr + tldr)
         with pytest.raises(data.DataError, match="6 records, expected 3"):
-            data.download(dest, base_url=url, cnndm_n=0)
+            openai_data.download(dest, base_url=url, cnndm_n=0)
         assert not (dest / "valid.jsonl").exists() and (dest / "valid.jsonl.part").exists()
     finally:
         server.shutdown()
@@ -372,6 +373,6 @@ def test_download_resumes_and_checks(tmp_path, monkeypatch):
 def test_parse_story():
     story = ("(CNN) -- First paragraph \u2019quoted\u2019.\n\nSecond\xa0one.\n\n@highlight\n\nNEW: Point one\n\n"
              "@highlight\n\nPoint two. CLICK HERE for more\n\n@highlight\n\nREAD: elsewhere")
-    article, reference = data.parse_story(story)
+    article, reference = openai_data.parse_story(story)
     assert article == "First paragraph 'quoted'.\n\nSecond one."
     assert reference == "Point one. Point two."

@@ -21,7 +21,7 @@ import ppo  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
 import synth  # noqa: E402
-from model import load_checkpoint  # noqa: E402
+from support.checkpoint import load_checkpoint  # noqa: E402
 
 SFT = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "16", "--micro-batch-size", "4",
        "--lr", "3e-3", "--epochs", "2", "--val-size", "24", "--sample-n", "12", "--eval-every", "20"]
@@ -203,7 +203,7 @@ def test_batches_that_do_not_split_over_the_processes_are_refused(monkeypatch, c
 def test_more_processes_than_gpus_stop_with_a_clear_error(monkeypatch):
     """torchrun --nproc_per_node 2 on a machine with one GPU: every process stops with what to do, before it asks
     CUDA for a device that does not exist (which would die with "invalid device ordinal")."""
-    import distributed
+    from support import distributed
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail(f"set_device({d}) was reached"))
@@ -216,10 +216,10 @@ def test_more_processes_than_gpus_stop_with_a_clear_error(monkeypatch):
 
 
 def test_a_missing_gpu_or_a_bad_device_name_is_a_clear_error(monkeypatch):
-    import model
+    from support import cli
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="--device cuda: no CUDA GPU is visible.*--device cpu"):
-        model.pick_device("cuda")
+        cli.pick_device("cuda")
     with pytest.raises(ValueError, match="--device gpu0: not a device"):
-        model.pick_device("gpu0")
-    assert model.pick_device("auto").type == "cpu"
+        cli.pick_device("gpu0")
+    assert cli.pick_device("auto").type == "cpu"

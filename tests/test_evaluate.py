@@ -14,6 +14,7 @@ import data
 import evaluate
 import ppo
 import synth
+from support.http_judge import HTTPJudge, JudgeError, parse_verdict
 
 # --- statistics and metrics, by hand ---
 
@@ -114,8 +115,8 @@ def server():
 
 
 def http_judge(url, **kw):
-    return evaluate.HTTPJudge(url, "stub-model", key="sk-test", timeout=kw.pop("timeout", 5.0), backoff=0.01,
-                              workers=kw.pop("workers", 1), **kw)
+    return HTTPJudge(url, "stub-model", key="sk-test", timeout=kw.pop("timeout", 5.0), backoff=0.01,
+                     workers=kw.pop("workers", 1), **kw)
 
 
 RECS = [dict(id=f"r{i}", subreddit="relationships", title="t", post=f"post {i}") for i in range(8)]
@@ -154,20 +155,20 @@ def test_http_judge_gives_no_verdict_when_retries_or_budget_run_out(server, caps
 
 def test_http_judge_stops_on_a_refused_key_or_a_dead_address(server):
     Stub.script = ["401"]
-    with pytest.raises(evaluate.JudgeError, match="401"):
+    with pytest.raises(JudgeError, match="401"):
         http_judge(server).prefer(RECS[:1], [" good"], [" bad"])
     dead = http_judge("http://127.0.0.1:9", retries=0, timeout=0.5)  # the discard port: connection refused
-    with pytest.raises(evaluate.JudgeError, match="20 requests in a row"):
+    with pytest.raises(JudgeError, match="20 requests in a row"):
         dead.prefer(RECS * 3, [" good"] * 24, [" bad"] * 24)
-    with pytest.raises(evaluate.JudgeError, match="needs a model"):
-        evaluate.HTTPJudge(server, None)
+    with pytest.raises(JudgeError, match="needs a model"):
+        HTTPJudge(server, None)
 
 
 def test_parse_verdict():
-    assert evaluate.parse_verdict("B is shorter.\nPreferred: A") == "A"
-    assert evaluate.parse_verdict("**Preferred:** b") == "B"
-    assert evaluate.parse_verdict(" A. ") == "A"
-    assert evaluate.parse_verdict("Both are fine.") is None
+    assert parse_verdict("B is shorter.\nPreferred: A") == "A"
+    assert parse_verdict("**Preferred:** b") == "B"
+    assert parse_verdict(" A. ") == "A"
+    assert parse_verdict("Both are fine.") is None
 
 
 # --- end to end on tiny checkpoints ---

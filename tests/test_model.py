@@ -1,14 +1,13 @@
-"""model.py: GPT-2 numerics against Hugging Face, padding, the KV cache, sampling, precision, checkpoints."""
+"""model.py: GPT-2 numerics against Hugging Face, padding, the KV cache, sampling, precision, the optimizer."""
 import math
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from model import (GPT, CheckpointError, GPTConfig, KVCache, autocast, configure_optimizers, last_token_index,
-                   load_checkpoint, model_from_checkpoint, read_safetensors, sample_token, save_checkpoint,
-                   write_safetensors)
+from model import (GPT, GPTConfig, KVCache, autocast, configure_optimizers, last_token_index, response_logprobs,
+                   reward_at_eos, sample_token)
+from support import hf
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = dict(vocab_size=1000, block_size=64, n_layer=2, n_head=4, n_embd=64)
@@ -37,7 +36,7 @@ def hf_expected():
 
 
 def test_logits_match_transformers(hf_expected):
-    model = GPT.from_pretrained(FIXTURES / "tiny-gpt2").eval()
+    model = hf.from_pretrained(FIXTURES / "tiny-gpt2").eval()
     assert model.config.vocab_size == 1000 and model.config.padded_vocab_size == 1024
     with torch.no_grad():
         logits = model(hf_expected["ids"])
@@ -46,7 +45,7 @@ def test_logits_match_transformers(hf_expected):
 
 
 def test_left_padded_logits_match_transformers(hf_expected):
-    model = GPT.from_pretrained(FIXTURES / "tiny-gpt2").eval()
+    model = hf.from_pretrained(FIXTURES / "tiny-gpt2").eval()
     mask = hf_expected["padded_mask"]
     with torch.no_grad():
         logits = model(hf_expected["padded_ids"], mask)
@@ -55,7 +54,7 @@ def test_left_padded_logits_match_transformers(hf_expected):
 
 
 def test_greedy_generation_matches_transformers(hf_expected):
-    model = GPT.from_pretrained(FIXTURES / "tiny-gpt2").eval()
+    model = hf.from_pretrained(FIXTURES / "tiny-gpt2").eval()
     prompt, mask, want = hf_expected["greedy_prompt"], hf_expected["greedy_mask"], hf_expected["greedy_tokens"]
     out = model.generate(prompt, mask, max_new_tokens=want.size(1) - prompt.size(1), temperature=0)
     assert torch.equal(out[:, prompt.size(1):], want[:, prompt.size(1):])
@@ -110,7 +109,7 @@ def test_generation_logprobs_match_the_training_forward():
     out, logp = model.generate(ids, mask, max_new_tokens=6, temperature=0.7, generator=g, return_logprobs=True)
     full_mask = torch.cat([mask, torch.ones(2, 6, dtype=torch.long)], 1)
     with torch.no_grad():
-        again = model.response_logprobs(out, full_mask, n_query=4, temperature=0.7)
+        again = response_logprobs(model, out, full_mask, n_query=4, temperature=0.7)
     torch.testing.assert_close(logp, again, atol=1e-5, rtol=1e-5)
 
 
@@ -200,61 +199,10 @@ def test_reward_is_read_at_eos_whatever_the_padding():
     right_mask = (right != 1000).long()
     assert last_token_index(left_mask).item() == 7 and last_token_index(right_mask).item() == 5
     with torch.no_grad():
-        r_left, r_right = model.reward(left, left_mask), model.reward(right, right_mask)
+        r_left, r_right = reward_at_eos(model, left, left_mask), reward_at_eos(model, right, right_mask)
         r_alone = model(torch.tensor([query + response]))[0, -1]
     torch.testing.assert_close(r_left, r_right, atol=1e-5, rtol=0)
     torch.testing.assert_close(r_left[0], r_alone, atol=1e-5, rtol=0)
-
-
-# --- Hugging Face layout: safetensors, export, loading errors ---
-
-def test_safetensors_round_trip(tmp_path):
-    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(2, 2).bfloat16()}
-    write_safetensors(tmp_path / "x.safetensors", tensors)
-    raw = (tmp_path / "x.safetensors").read_bytes()
-    header_len = int.from_bytes(raw[:8], "little")
-    assert (8 + header_len) % 8 == 0  # data starts aligned
-    back = read_safetensors(tmp_path / "x.safetensors")
-    assert back.keys() == tensors.keys()
-    for k in tensors:
-        assert back[k].dtype == tensors[k].dtype and torch.equal(back[k], tensors[k])
-
-
-def test_export_then_from_pretrained_gives_identical_logits(tmp_path):
-    model = tiny_model(seed=3)
-    model.export_hf(tmp_path / "hf")
-    back = GPT.from_pretrained(tmp_path / "hf").eval()
-    ids, mask = left_pad([[1, 2, 3, 4, 5], [6, 7]], 5)
-    with torch.no_grad():
-        assert torch.equal(model(ids, mask), back(ids, mask))
-    keys = read_safetensors(tmp_path / "hf" / "model.safetensors")
-    assert keys["transformer.wte.weight"].shape == (1000, 64)  # vocabulary rows cut back to the real ones
-    assert keys["transformer.h.0.attn.c_attn.weight"].shape == (64, 192)  # Conv1D layout: (in, out)
-
-
-def test_from_pretrained_names_what_is_wrong(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="unknown model 'gpt3'"):
-        GPT.from_pretrained("gpt3")
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        GPT.from_pretrained(tmp_path / "bad")
-    tiny_model().export_hf(tmp_path / "cut")
-    tensors = read_safetensors(tmp_path / "cut" / "model.safetensors")
-    del tensors["transformer.h.1.mlp.c_fc.bias"]
-    write_safetensors(tmp_path / "cut" / "model.safetensors", tensors)
-    with pytest.raises(ValueError, match=r"missing \['h.1.mlp.c_fc.bias'\]"):
-        GPT.from_pretrained(tmp_path / "cut")
-
-
-def test_download_without_network_fails_fast_and_says_where_files_go(tmp_path, monkeypatch):
-    monkeypatch.setenv("TLDR_RLHF_CACHE", str(tmp_path))
-    monkeypatch.setenv("TLDR_RLHF_HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
-    start = time.time()
-    with pytest.raises(ConnectionError) as err:
-        GPT.from_pretrained("gpt2")
-    assert time.time() - start < 15
-    assert str(tmp_path / "gpt2") in str(err.value) and "config.json" in str(err.value)
 
 
 # --- optimizer ---
@@ -267,52 +215,3 @@ def test_weight_decay_only_on_2d_weights():
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     n = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n == sum(p.numel() for p in model.parameters())  # the tied embedding counted once
-
-
-# --- checkpoints ---
-
-def test_checkpoint_round_trip_with_metadata(tmp_path):
-    model = tiny_model()
-    save_checkpoint(tmp_path / "sft.pt", model, stage="sft", task="synth", tokenizer="synth-words",
-                    args={"lr": 1e-3, "out_dir": tmp_path}, step=7, metrics={"loss": 1.5})
-    assert not list(tmp_path.glob("*.tmp"))
-    ckpt = load_checkpoint(tmp_path / "sft.pt", stage="sft")
-    assert (ckpt["stage"], ckpt["task"], ckpt["tokenizer"], ckpt["step"]) == ("sft", "synth", "synth-words", 7)
-    assert ckpt["args"]["out_dir"] == str(tmp_path) and ckpt["metrics"] == {"loss": 1.5}
-    back = model_from_checkpoint(ckpt).eval()
-    ids = torch.randint(0, 1000, (2, 8))
-    with torch.no_grad():
-        assert torch.equal(back(ids), model(ids))
-        rm = model_from_checkpoint(ckpt, head="scalar")
-        assert torch.equal(rm.transformer.h[1].mlp.c_fc.weight, model.transformer.h[1].mlp.c_fc.weight)
-        assert rm(ids).shape == (2, 8)
-
-
-def test_checkpoint_errors_name_the_file_and_the_expectation(tmp_path):
-    with pytest.raises(CheckpointError, match=r"nope\.pt: no such file \(expected a sft checkpoint\)"):
-        load_checkpoint(tmp_path / "nope.pt", stage="sft")
-    save_checkpoint(tmp_path / "reward.pt", tiny_model(head="scalar"), stage="reward", task="synth", tokenizer="t")
-    with pytest.raises(CheckpointError, match="is a reward checkpoint, expected a sft or ppo checkpoint"):
-        load_checkpoint(tmp_path / "reward.pt", stage=("sft", "ppo"))
-    with pytest.raises(CheckpointError, match="cannot become a policy"):
-        model_from_checkpoint(load_checkpoint(tmp_path / "reward.pt"), head="lm")
-    (tmp_path / "junk.pt").write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
-        load_checkpoint(tmp_path / "junk.pt")
-    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
-    with pytest.raises(CheckpointError, match="foreign.pt: not a tldr-rlhf checkpoint"):
-        load_checkpoint(tmp_path / "foreign.pt")
-
-
-class Payload:
-    """An object whose unpickling would run code: weights_only loading must refuse it."""
-
-    def __reduce__(self):
-        return (print, ("this must never run",))
-
-
-def test_pickled_code_is_refused(tmp_path, capsys):
-    torch.save({"format": "tldr-rlhf/1", "stage": "sft", "evil": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="evil.pt: refused to load"):
-        load_checkpoint(tmp_path / "evil.pt")
-    assert "this must never run" not in capsys.readouterr().out

@@ -14,7 +14,7 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN.is_dir():
 
 import data  # noqa: E402
 import ppo  # noqa: E402
-from model import load_checkpoint  # noqa: E402
+from support.checkpoint import load_checkpoint  # noqa: E402
 
 # --- the math, by hand ---
 

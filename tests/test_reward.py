@@ -18,7 +18,8 @@ import data  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
 import synth  # noqa: E402
-from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from support.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
 
 SMALL = ["--train-posts", "960", "--valid-posts", "160", "--batch-size", "32", "--micro-batch-size", "16",
          "--val-size", "64", "--eval-every", "5", "--norm-n", "64", "--lr", "2e-3", "--temperature", "0.7",
@@ -119,7 +120,8 @@ def test_wrong_task_and_wrong_tokenizer_are_refused(sft_run, tmp_path):
     other = GPT(GPTConfig(vocab_size=50257, block_size=128, n_layer=1, n_head=2, n_embd=16))
     save_checkpoint(tmp_path / "sft.pt", other, stage="sft", task="tldr", tokenizer="gpt2")
     proc = run("--sft", str(tmp_path / "sft.pt"))
-    assert "an SFT model of task tldr with tokenizer gpt2, but --task synth uses synth-words-v1" in proc.stderr
+    assert "sft.pt: a sft checkpoint of task tldr with tokenizer gpt2, but --task synth uses synth-words-v1" in (
+        proc.stderr)
     proc = run("--sft", str(sft_run / "sft" / "sft.json"))
     assert "not a readable checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 

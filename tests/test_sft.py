@@ -17,7 +17,8 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN.is_dir():
 import data  # noqa: E402
 import sft  # noqa: E402
 import synth  # noqa: E402
-from model import GPT, CheckpointError, GPTConfig, load_checkpoint, save_checkpoint  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from support.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "16", "--micro-batch-size", "8",
         "--lr", "3e-3", "--val-size", "32", "--sample-n", "16"]

@@ -21,7 +21,9 @@ import evaluate  # noqa: E402
 import ppo  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
-from model import GPT, GPTConfig, load_checkpoint  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from support import hf  # noqa: E402
+from support.checkpoint import load_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def tldr(tmp_path_factory):
     for f in ("from_docs/comparisons_train_examples_from_docs.jsonl", "comparisons/edit_b2_eval_test.json",
               "comparisons/cnndm0.json"):
         shutil.copy(SAMPLE / f, root / "data" / "comparisons" / Path(f).name.replace(".jsonl", ".json"))
-    GPT(GPTConfig(vocab_size=50257, block_size=1024, n_layer=1, n_head=2, n_embd=32)).export_hf(root / "gpt2-tiny")
+    hf.export(GPT(GPTConfig(vocab_size=50257, block_size=1024, n_layer=1, n_head=2, n_embd=32)), root / "gpt2-tiny")
     return root
 
 

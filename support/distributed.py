@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import pick_device
+from support.cli import pick_device
 
 
 def rank():
@@ -67,8 +67,9 @@ def finish():
 
 def wrap(model, device):
     """The model for training: inside DDP, which averages the gradients over the processes in backward(). Single
-    process: the model itself. Only forward() goes through DDP, so call GPT methods as GPT.reward(wrapped, ...). The
-    model's only buffer is the constant mask of the padded vocabulary rows: no buffers to broadcast."""
+    process: the model itself. Only forward() goes through DDP, which is why model.py's response_logprobs and
+    reward_at_eos are free functions of a module: they work the same on either. The model's only buffer is the
+    constant mask of the padded vocabulary rows: no buffers to broadcast."""
     if not dist.is_initialized():
         return model
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)

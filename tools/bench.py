@@ -9,8 +9,8 @@ For each shape (tiny: 4 layers x 128; 124m: GPT-2 small), each in a fresh proces
   sample-cache   new tokens/s sampling batch 16 x prompt 256 -> 48 new tokens with the KV cache
   sample-nocache the same, recomputing the whole sequence for every new token
 
-    python bench.py                    # both shapes, the 124m no-cache case takes ~8 minutes on 2 CPU cores
-    python bench.py --shapes tiny      # a quick look
+    python tools/bench.py              # both shapes, the 124m no-cache case takes ~8 minutes on 2 CPU cores
+    python tools/bench.py --shapes tiny    # a quick look
 """
 import argparse
 import json
@@ -19,10 +19,14 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-from model import GPT, PRESETS, GPTConfig, autocast, configure_optimizers, pick_device, pick_dtype
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import GPT, PRESETS, GPTConfig, autocast, configure_optimizers, pick_dtype  # noqa: E402
+from support.cli import pick_device  # noqa: E402
 
 SHAPES = {"tiny": dict(n_layer=4, n_head=4, n_embd=128), "124m": PRESETS["gpt2"]}
 TRAIN_BATCH = {"tiny": 16, "124m": 4}  # x 256 tokens

@@ -1,0 +1,49 @@
+"""The flags every stage shares - the task and its files, and the run itself (seed, device, precision, resume) - and
+the device they name."""
+import torch
+
+import data
+
+
+def add_task_args(p, stage):
+    """The flags every stage shares for its task and files."""
+    p.add_argument("--task", choices=list(data.TASKS), default="synth", help="the paper's Reddit TL;DR or the "
+                   "offline synthetic TL;DR")
+    p.add_argument("--data-dir", help="the task's data (default: data/tldr or data/synth)")
+    p.add_argument("--out-dir", help=f"where {stage}.pt and its logs go, and earlier stages' checkpoints are found "
+                   "(default: out/<task>)")
+    p.add_argument("--cache-dir", default="data_cache", help="tokenized arrays, reused while the data is unchanged")
+
+
+def fill_task_defaults(args, defaults):
+    """Flags left unset take the task's value from the stage's table of defaults; directories follow the task."""
+    for key, value in defaults[args.task].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.out_dir = args.out_dir or f"out/{args.task}"
+    args.data_dir = args.data_dir or data.TASKS[args.task]["data_dir"]
+
+
+def add_run_args(p, stage, compile=True):
+    """The flags every stage shares for the run itself: seed, device, precision, compile, resume."""
+    p.add_argument("--seed", type=int, default=0, help="seed for initialization, data order and sampling")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast dtype: auto = bf16 on GPUs that support it, fp32 otherwise")
+    if compile:
+        p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--resume", action="store_true", help=f"continue an interrupted run from <out>/{stage}.resume.pt")
+    p.add_argument("--stop-after", type=int, help="stop after this many steps as if killed, leaving the resume "
+                   "state (for time-sliced jobs, and the resume tests)")
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible to PyTorch here; use --device cpu")
+    return device

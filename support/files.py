@@ -1,0 +1,80 @@
+"""The one atomic file writer and the one resumable downloader of the project."""
+import contextlib
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w", **kwargs):
+    """Open path.tmp for writing and, when the block ends without an error, replace path with it in one step: a run
+    killed mid-write leaves the previous file whole under the real name. Text is written with "\\n" line ends."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if "b" not in mode:
+        kwargs.setdefault("encoding", "utf-8")
+        kwargs.setdefault("newline", "\n")
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def atomic_write(path, content):
+    """Write a str or bytes to path atomically (atomic_open)."""
+    with atomic_open(path, "wb" if isinstance(content, bytes) else "w") as f:
+        f.write(content)
+
+
+class DownloadError(ConnectionError):
+    """A download that failed or stopped; the message says what to do (run again to resume, or where files go)."""
+
+
+def download(url, dest, timeout=10.0, hint="", progress=True, check=None):
+    """Fetch url to dest with a progress bar. The bytes go to dest.part first, and a partial .part is resumed with an
+    HTTP Range request; dest gets its name only once the file is whole and check(part), if given, has not raised.
+    Without a network it fails within `timeout` seconds, with `hint` (what to place where) in the message."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416:  # nothing left to fetch: the .part is whole
+            return _finish(part, dest, check)
+        raise DownloadError(f"could not download {url}: HTTP {e.code}. {hint}".strip()) from None
+    except (urllib.error.URLError, OSError, ValueError) as e:  # refused, unreachable, timed out, a bad address
+        raise DownloadError(f"could not download {url}: {getattr(e, 'reason', e)}. {hint}".strip()) from None
+    try:
+        with response:
+            if have and response.status != 206:
+                have = 0  # the server ignored the range: start again
+            total = have + int(response.headers.get("Content-Length") or 0)
+            with open(part, "ab" if have else "wb") as f, tqdm(total=total or None, initial=have, unit="B",
+                                                               unit_scale=True, desc=dest.name,
+                                                               disable=not progress) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as e:  # the connection broke mid-file
+        raise DownloadError(f"download of {url} broke off ({e}); run again to resume") from None
+    if total and part.stat().st_size != total:
+        raise DownloadError(f"download of {url} stopped at {part.stat().st_size} of {total} bytes; run again to "
+                            "resume")
+    return _finish(part, dest, check)
+
+
+def _finish(part, dest, check):
+    if check is not None:
+        check(part)  # a file that fails keeps its .part name: nothing looks complete that is not
+    os.replace(part, dest)
+    return dest
