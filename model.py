@@ -368,6 +368,16 @@ def configure_optimizers(model, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device_type == "cuda")
 
 
+def optimizer_step(optimizer, parameters, lr, grad_clip=0.0):
+    """One update of every stage: set the learning rate, clip the gradient norm (0: off), step, clear gradients."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def cosine_lr(step, total, peak, warmup=0.0):
     """The paper's schedule for SFT and the reward model: linear warm-up over a fraction of the steps, then cosine
     decay to 0."""
