@@ -233,13 +233,15 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, attention_mask=None, max_new_tokens=48, temperature=1.0, eos_id=None, pad_id=None,
-                 generator=None, return_logprobs=False):
+                 generator=None, return_logprobs=False, noise=None):
         """Sample max_new_tokens after left-padded prompts idx (B, T), with a KV cache.
 
         temperature 0 is argmax; otherwise pure sampling from softmax(logits / temperature) (no top-k, no top-p:
-        PPO's log-probs must describe exactly what was sampled). Once a row has produced eos_id, its later tokens are
-        pad_id (default: the PAD row, vocab_size) and sampling stops when every row is done. Returns the (B, T + N)
-        tokens, and with return_logprobs also the (B, N) log-probs of the new tokens (0 after EOS)."""
+        PPO's log-probs must describe exactly what was sampled). The randomness is the generator's stream, or with
+        noise (B, max_new_tokens) each row's own uniforms (see row_noise), so that a row's sample does not depend on
+        the rows beside it. Once a row has produced eos_id, its later tokens are pad_id (default: the PAD row,
+        vocab_size) and sampling stops when every row is done. Returns the (B, T + N) tokens, and with
+        return_logprobs also the (B, N) log-probs of the new tokens (0 after EOS)."""
         B, T = idx.shape
         cfg = self.config
         pad_id = cfg.vocab_size if pad_id is None else pad_id
@@ -249,7 +251,7 @@ class GPT(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         logits = self(idx, attention_mask, cache=cache, head_from=T - 1)[:, -1]  # the prompt, in one pass
         for t in range(max_new_tokens):
-            tok, logp = sample_token(logits, temperature, generator)
+            tok, logp = sample_token(logits, temperature, generator, None if noise is None else noise[:, t])
             tok = torch.where(done, pad_id, tok)
             new[:, t] = tok
             logprobs[:, t] = torch.where(done, 0.0, logp)
@@ -294,20 +296,29 @@ def last_token_index(attention_mask):
     return T - 1 - attention_mask.long().flip(1).argmax(1)
 
 
-def sample_token(logits, temperature=1.0, generator=None):
-    """One token per row from (B, V) logits: argmax at temperature 0, else a draw from softmax(logits / temperature).
-    Returns the (B,) tokens and their (B,) log-probs under that distribution (fp32)."""
+def sample_token(logits, temperature=1.0, generator=None, u=None):
+    """One token per row from (B, V) logits: argmax at temperature 0, else a draw from softmax(logits / temperature)
+    with the uniforms u (B,) in [0, 1), or fresh ones from the generator. Returns the (B,) tokens and their (B,)
+    log-probs under that distribution (fp32)."""
     logp = F.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
     if temperature > 0:
         # Inverse-CDF sampling: one uniform per row against the cumulative probabilities. The same distribution as
         # torch.multinomial, which on a CPU spends more time drawing 50k exponentials per row than the model spends
         # on the token.
         cdf = logp.exp().cumsum(-1)
-        u = torch.rand(cdf.size(0), 1, device=cdf.device, generator=generator) * cdf[:, -1:]
+        if u is None:
+            u = torch.rand(cdf.size(0), device=cdf.device, generator=generator)
+        u = u.to(cdf.device)[:, None] * cdf[:, -1:]
         tok = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=logits.size(-1) - 1)
     else:
         tok = logp.argmax(-1)
     return tok, logp.gather(1, tok[:, None]).squeeze(1)
+
+
+def row_noise(seeds, n):
+    """(len(seeds), n) uniforms in [0, 1), row i drawn from its own seed: the randomness of one episode's sample,
+    whatever batch, micro-batch or process it is sampled in."""
+    return torch.stack([torch.rand(n, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
 def trim_padding(tokens, pad_id):
