@@ -467,6 +467,8 @@ def collect_comparisons(records, candidates, labelers, rng, ref_fraction=0.25, p
 def batch_indices(n, batch_size, step, seed):
     """The examples of optimizer step `step`: epoch e reads a permutation seeded by (seed, e), so the order is a
     function of the step alone and a resumed run reads exactly what an uninterrupted one would."""
+    if not 0 < batch_size <= n:
+        raise DataError(f"{n} examples make no batch of {batch_size}: use more data or a smaller batch")
     epoch, k = divmod(step, n // batch_size)
     perm = np.random.default_rng([seed, epoch]).permutation(n)
     return perm[k * batch_size:(k + 1) * batch_size]

@@ -376,3 +376,12 @@ def test_parse_story():
     article, reference = openai_data.parse_story(story)
     assert article == "First paragraph 'quoted'.\n\nSecond one."
     assert reference == "Point one. Point two."
+
+
+def test_batch_indices_cover_each_epoch_once_and_refuse_a_batch_larger_than_the_data():
+    first_epoch = np.concatenate([data.batch_indices(10, 3, step, seed=0) for step in range(3)])
+    assert len(set(first_epoch.tolist())) == 9  # three batches of 3 distinct examples; one is left out of this epoch
+    assert not np.array_equal(data.batch_indices(10, 3, 3, seed=0), data.batch_indices(10, 3, 0, seed=0))
+    for n, size in ((5, 8), (5, 0)):
+        with pytest.raises(data.DataError, match=f"{n} examples make no batch of {size}"):
+            data.batch_indices(n, size, 0, seed=0)
