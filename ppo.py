@@ -23,7 +23,6 @@ Writes <out>/ppo.pt (the policy), <out>/ppo_step<N>.pt every --save-every update
 """
 import argparse
 import json
-import os
 import resource
 import sys
 import time
@@ -33,12 +32,13 @@ import numpy as np
 import torch
 
 import data
-from model import (autocast, configure_optimizers, paper_lr, pick_dtype, response_logprobs, reward_at_eos,
-                   trim_padding)
+from model import (autocast, configure_optimizers, optimizer_step, paper_lr, pick_dtype, response_logprobs,
+                   reward_at_eos, trim_padding)
 from support import distributed
 from support.checkpoint import (CheckpointError, load_checkpoint, load_resume_state, model_from_checkpoint,
                                 save_checkpoint, save_resume_state)
 from support.cli import add_run_args, add_task_args, fill_task_defaults
+from support.steplog import StepLog
 
 # tldr follows the paper and Huang et al. (2024): 512 episodes per update, 4 epochs, ~1M episodes, lr by model size.
 # synth is sized for a 2-core CPU and was chosen by measurement (see README).
@@ -213,6 +213,192 @@ def micro_batches(n, size):
     return [slice(i, i + size) for i in range(0, n, size)]
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# one update: a rollout, then the PPO epochs
+
+@torch.no_grad()
+def rollout(policy, ref, value, rm, queries, beta, gen, args, pad, eos, device, dtype):
+    """Section 3.4's episodes: responses to (N, Lq) left-padded queries sampled at the temperature, scored by the
+    reward model (--no-eos-score without EOS), the score and the KL penalty shaped into per-token rewards, and
+    advantages by GAE, whitened over the whole batch. Returns the micro-batches (dicts of tensors that the PPO epochs
+    replay, in the same shapes, so the first minibatch's ratio is exactly 1) and the batch's statistics."""
+    parts = []
+    for mb in micro_batches(len(queries), args.micro_batch_size):
+        q, _ = trim_padding(queries[mb], pad)
+        policy.eval()
+        with autocast(device, dtype):
+            tokens = policy.generate(q, (q != pad).long(), max_new_tokens=data.TASKS[args.task]["response_len"],
+                                     temperature=args.temperature, eos_id=eos, pad_id=pad, generator=gen)
+        policy.train()
+        mask = (tokens != pad).long()
+        n_query = q.size(1)
+        with autocast(device, dtype):
+            logp = response_logprobs(policy, tokens, mask, n_query, args.temperature)
+            ref_logp = response_logprobs(ref, tokens, mask, n_query, args.temperature)
+            values = value(tokens, mask, head_from=n_query - 1)[:, :-1].float()
+            score = reward_at_eos(rm, tokens, mask)
+        has_eos = (tokens[:, n_query:] == eos).any(1)
+        score = torch.where(has_eos, score, torch.full_like(score, args.no_eos_score))
+        parts.append(dict(tokens=tokens, mask=mask, n_query=n_query, resp_mask=mask[:, n_query:].float(), logp=logp,
+                          ref_logp=ref_logp, values=values, score=score, has_eos=has_eos))
+    batch = {k: torch.cat([p[k] for p in parts]) for k in ("logp", "ref_logp", "values", "score", "resp_mask",
+                                                            "has_eos")}
+    rewards, batch["kl"] = shape_rewards(batch["score"], batch["logp"], batch["ref_logp"], batch["resp_mask"], beta)
+    advantages, batch["returns"] = gae(rewards, batch["values"], batch["resp_mask"], args.gamma, args.lam)
+    advantages = masked_whiten(advantages, batch["resp_mask"], across_ranks=True)  # the global batch's statistics
+    for part, rows in zip(parts, micro_batches(len(queries), args.micro_batch_size)):
+        part.update(advantages=advantages[rows], returns=batch["returns"][rows])  # targets travel with their part
+    return parts, batch
+
+
+def ppo_update(train_policy, train_value, optimizer, parts, lr, update, args, dtype):
+    """--ppo-epochs passes of clipped policy and value steps over the rollout's micro-batches, one optimizer step per
+    minibatch. The first epoch goes in rollout order, so its first minibatch recomputes exactly the rollout's
+    log-probs (ratio 1); later epochs shuffle. Under torchrun every process draws the same order of its own
+    micro-batches, and DDP averages the gradients once per minibatch. Returns the mean statistics and those of the
+    very first micro-batch."""
+    world = distributed.world_size()
+    micro_per_mini = max(1, args.minibatch_size // world // args.micro_batch_size)
+    params = [p for model in (train_policy, train_value) for p in model.parameters()]
+    stats, first, order = [], None, list(range(len(parts)))
+    for epoch in range(args.ppo_epochs):
+        if epoch:
+            order = np.random.default_rng([args.seed, update, epoch]).permutation(len(parts)).tolist()
+        for start in range(0, len(order), micro_per_mini):
+            minibatch = order[start:start + micro_per_mini]
+            for i in minibatch:
+                part, skip = parts[i], i != minibatch[-1]  # gradients sync after the minibatch's last part
+                with (distributed.no_sync(train_policy, skip), distributed.no_sync(train_value, skip),
+                      autocast(part["tokens"].device, dtype)):
+                    new_logp, entropy = response_logprobs(train_policy, part["tokens"], part["mask"],
+                                                          part["n_query"], args.temperature, with_entropy=True)
+                    vpred = train_value(part["tokens"], part["mask"], head_from=part["n_query"] - 1)[:, :-1].float()
+                pg, clipfrac, approx_kl = policy_loss(new_logp, part["logp"], part["advantages"], part["resp_mask"],
+                                                      args.clip)
+                vf, vf_clipfrac = value_loss(vpred, part["values"], part["returns"], part["resp_mask"],
+                                             args.clip_value)
+                loss = pg + args.vf_coef * vf
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"update {update + 1}: the loss is {loss.item()}; stopping. The last "
+                                             f"good checkpoints are kept in {Path(args.out_dir)}")
+                (loss / micro_per_mini).backward()
+                if first is None:
+                    first = dict(ratio_max_dev=(new_logp - part["logp"]).abs().max().exp().item() - 1,
+                                 approx_kl=approx_kl.item())
+                stats.append([pg.item(), vf.item(), clipfrac.item(), vf_clipfrac.item(), approx_kl.item(),
+                              masked_mean(entropy, part["resp_mask"]).item()])
+            optimizer_step(optimizer, params, lr, args.grad_clip)
+    names = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl", "entropy")
+    return dict(zip(names, np.mean(stats, axis=0).tolist())), first
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# around the loop: evaluation, the logged row, checkpoints and resume
+
+def load_prompts(args, enc):
+    """The training posts' tokenized queries (rank 0 writes the cache, the others read it) and the first --eval-n
+    validation posts."""
+    task = data.TASKS[args.task]
+    train_records = data.load_split(args.task, "train", args.data_dir)
+    with distributed.main_first():
+        queries = data.prepare_sft(train_records, enc, task["query_len"], task["response_len"], args.cache_dir)["query"]
+    return queries, data.load_split(args.task, "valid", args.data_dir)[:args.eval_n]
+
+
+def evaluate_policy(policy, records, enc, args, device, dtype):
+    """Temperature-0 summaries of the fixed validation posts; for synth the gold preference over references. Under
+    torchrun each process summarizes its shard of the posts and every process gets all the summaries."""
+    policy.eval()
+    mine = records[distributed.shard(len(records))]
+    texts = distributed.gather(data.summarize(policy, mine, enc, args.task, 0.0, args.micro_batch_size, device, dtype))
+    policy.train()
+    row = dict(samples=[dict(reference=data.as_response(r["summary"]), policy=t) for r, t in zip(records[:3], texts)])
+    if args.task == "synth":
+        import synth
+        row["gold_win_rate"] = synth.gold_win_rate(records, texts)
+    return row
+
+
+def update_row(update, batch, stats, first, beta, lr, args, seconds, elapsed):
+    """What one update logs (the DESIGN's list). Under torchrun each process measured its equal share of the batch:
+    the average over the processes is the batch's mean, and every process gets it, so an adaptive beta agrees."""
+    kl_sum, score = batch["kl"].sum(1), batch["score"]
+    row = dict(update=update, episodes=update * args.rollout_batch_size, score=score.mean().item(),
+               rlhf_reward=(score - beta * kl_sum).mean().item(), kl=kl_sum.mean().item(), beta=beta,
+               entropy=stats["entropy"], approx_kl=stats["approx_kl"], first_minibatch_approx_kl=first["approx_kl"],
+               first_minibatch_ratio_dev=first["ratio_max_dev"], clipfrac=stats["clipfrac"],
+               policy_loss=stats["policy_loss"], value_loss=stats["value_loss"],
+               value_clipfrac=stats["value_clipfrac"],
+               explained_variance=explained_variance(batch["values"], batch["returns"], batch["resp_mask"],
+                                                     across_ranks=True),
+               length=batch["resp_mask"].sum(1).mean().item(), eos_fraction=batch["has_eos"].float().mean().item(),
+               lr=lr, episodes_per_s=args.rollout_batch_size / seconds, elapsed=elapsed)
+    shared = ("score", "rlhf_reward", "kl", "entropy", "approx_kl", "first_minibatch_approx_kl",
+              "first_minibatch_ratio_dev", "clipfrac", "policy_loss", "value_loss", "value_clipfrac", "length",
+              "eos_fraction")
+    row.update(zip(shared, distributed.mean_over_ranks([row[k] for k in shared])))
+    return row
+
+
+def print_row(row, n_updates):
+    print(f"update {row['update']}/{n_updates} | score {row['score']:.3f} | kl {row['kl']:.2f} | reward "
+          f"{row['rlhf_reward']:.3f} | entropy {row['entropy']:.2f} | approx-kl {row['approx_kl']:.4f} (first "
+          f"{row['first_minibatch_approx_kl']:.1e}) | clip {row['clipfrac']:.3f} | vf {row['value_loss']:.3f} ev "
+          f"{row['explained_variance']:.2f} | len {row['length']:.1f} eos {row['eos_fraction']:.2f} | "
+          f"{row['episodes_per_s']:.0f} ep/s" + (f" | gold {row['gold_win_rate']:.3f}" if "gold_win_rate" in row
+                                                 else ""))
+    for s in row.get("samples", [])[:2]:
+        print(f"    ref:{s['reference']}\n    ppo:{s['policy']}")
+
+
+def save_resume(path, policy, value, optimizer, gen, kl_ctl, meta):
+    """What --resume needs besides the policy and its optimizer: the value network, every process's sampling
+    generator (gathered, so every process calls this; rank 0 writes) and the adaptive beta."""
+    generators = distributed.gather([gen.get_state()])
+    extra = dict(generators=generators) if distributed.world_size() > 1 else {}
+    if distributed.is_main():
+        save_resume_state(path, policy, optimizer, value=value.state_dict(), generator=gen.get_state(),
+                          beta=kl_ctl.beta if kl_ctl else meta["args"].beta, **extra, **meta)
+
+
+def resume(path, policy, value, optimizer, gen, kl_ctl, seed):
+    """Restore what save_resume wrote; returns the update to continue from. With another number of processes than
+    before, sampling restarts from fresh streams, distinct per process and update."""
+    state = load_resume_state(path, policy, optimizer, "ppo")
+    value.load_state_dict(state["value"])
+    generators = state.get("generators", [state["generator"]])
+    rank = distributed.rank()
+    if len(generators) == distributed.world_size():
+        gen.set_state(generators[rank])
+    else:
+        gen.manual_seed(seed + rank + 1000 * state["step"])
+    if kl_ctl:
+        kl_ctl.beta = state["beta"]
+    return state["step"]
+
+
+def finish(policy, final, args, enc, out, update, t_start, device):
+    """The final checkpoint, ppo.json and the summary line (rank 0). The SFT policy's gold preference, measured
+    before the first update on the same posts, is read back from the log's first row."""
+    rows = [json.loads(line) for line in (out / "ppo.log.jsonl").read_text().splitlines()]
+    if "gold_win_rate" in rows[0]:
+        final["sft_gold_win_rate"] = rows[0]["gold_win_rate"]
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    metrics = dict(updates=update, episodes=update * args.rollout_batch_size, kl=rows[-1].get("kl"),
+                   score=rows[-1].get("score"), minutes=(time.time() - t_start) / 60, peak_memory_gb=peak,
+                   **{k: v for k, v in final.items() if k != "samples"})
+    save_checkpoint(out / "ppo.pt", policy, stage="ppo", task=args.task, tokenizer=enc.name, args=args, step=update,
+                    metrics=metrics)
+    (out / "ppo.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    (out / "ppo.resume.pt").unlink(missing_ok=True)
+    print("ppo: " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    print(f"ppo: peak memory {peak:.2f} GB ({'CUDA max allocated' if device.type == 'cuda' else 'resident set'})")
+    print(f"ppo: wrote {out / 'ppo.pt'}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out_dir)
@@ -220,9 +406,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     device = distributed.setup(args.device)  # the process group too, under torchrun
     dtype = pick_dtype(device, args.dtype)
-    task = data.TASKS[args.task]
-    enc = data.get_tokenizer(task["tokenizer"])
-    pad, eos, R = data.pad_id(enc), enc.eot_token, task["response_len"]
+    enc = data.get_tokenizer(data.TASKS[args.task]["tokenizer"])
+    pad, eos = data.pad_id(enc), enc.eot_token
 
     policy, ref, value, rm = build_models(args, enc, device)
     args.lr = args.lr or paper_lr("ppo", policy.num_params())
@@ -230,65 +415,21 @@ def main(argv=None):
     # Training forwards go through DDP under torchrun, which averages the gradients of policy and value.
     train_policy, train_value = distributed.wrap(policy, device), distributed.wrap(value, device)
     kl_ctl = AdaptiveKL(args.beta, args.target_kl, args.kl_horizon) if args.target_kl else None
-
     # prompts: the SFT training posts, reshuffled every pass; fixed validation posts for the periodic samples
-    train_records = data.load_split(args.task, "train", args.data_dir)
-    with distributed.main_first():  # rank 0 writes the tokenized cache, the others read it
-        queries = data.prepare_sft(train_records, enc, task["query_len"], R, args.cache_dir)["query"]
-    valid_records = data.load_split(args.task, "valid", args.data_dir)[:args.eval_n]
+    queries, valid_records = load_prompts(args, enc)
     n_updates = args.episodes // args.rollout_batch_size
-    update, log_mode = 0, "w"
-    rank, world = distributed.rank(), distributed.world_size()
-    gen = torch.Generator(device=device).manual_seed(args.seed + rank)  # each process samples its own responses
-    resume_path = out / "ppo.resume.pt"
-    if args.resume:
-        state = load_resume_state(resume_path, policy, optimizer, "ppo")
-        value.load_state_dict(state["value"])
-        generators = state.get("generators", [state["generator"]])  # one per process under torchrun
-        if len(generators) == world:
-            gen.set_state(generators[rank])
-        else:  # another number of processes than before: fresh streams, distinct per process and update
-            gen.manual_seed(args.seed + rank + 1000 * state["step"])
-        update, log_mode = state["step"], "a"
-        if kl_ctl:
-            kl_ctl.beta = state["beta"]
+    gen = torch.Generator(device=device).manual_seed(args.seed + distributed.rank())  # each process its own samples
+    update = resume(out / "ppo.resume.pt", policy, value, optimizer, gen, kl_ctl, args.seed) if args.resume else 0
     print(f"ppo: {args.task}, policy {policy.num_params():,} parameters, {n_updates} updates of "
           f"{args.rollout_batch_size} episodes, lr {args.lr:.2e}, beta {args.beta}"
           + (f" (adaptive, target KL {args.target_kl})" if kl_ctl else "") + f", {device} {dtype}"
-          + (f", {world} processes" if world > 1 else ""))
+          + (f", {distributed.world_size()} processes" if distributed.world_size() > 1 else ""))
 
-    def evaluate():
-        """Temperature-0 summaries of the fixed validation posts; for synth the gold preference over references.
-        Under torchrun each process summarizes its shard of the posts and every process gets all the summaries."""
-        policy.eval()
-        mine = valid_records[distributed.shard(len(valid_records))]
-        texts = distributed.gather(data.summarize(policy, mine, enc, args.task, 0.0, args.micro_batch_size, device,
-                                                  dtype))
-        policy.train()
-        row = dict(samples=[dict(reference=data.as_response(r["summary"]), policy=t)
-                            for r, t in zip(valid_records[:3], texts)])
-        if args.task == "synth":
-            import synth
-            row["gold_win_rate"] = synth.gold_win_rate(valid_records, texts)
-        return row
-
-    def save(path, resume_state=False):
-        """Rank 0 writes; every process calls this, since the resume state gathers each one's sampling generator."""
-        meta = dict(stage="ppo", task=args.task, tokenizer=enc.name, args=args, step=update)
-        if resume_state:  # plus what PPO adds: the value network, the sampling generator(s), the adaptive beta
-            generators = distributed.gather([gen.get_state()])  # each process's own stream, to resume it
-            extra = dict(generators=generators) if world > 1 else {}
-            if distributed.is_main():
-                save_resume_state(path, policy, optimizer, value=value.state_dict(), generator=gen.get_state(),
-                                  beta=kl_ctl.beta if kl_ctl else args.beta, **extra, **meta)
-        elif distributed.is_main():
-            save_checkpoint(path, policy, **meta)
-
-    log = open(out / "ppo.log.jsonl" if distributed.is_main() else os.devnull, log_mode)  # rank 0 logs
+    log = StepLog(out / "ppo.log.jsonl", resume_step=update if args.resume else None, key="update")
     t_start = time.time()
     if update == 0:  # the starting point, on the same posts as every later evaluation: the SFT policy itself
-        start = evaluate()
-        log.write(json.dumps(dict(update=0, **start)) + "\n")
+        start = evaluate_policy(policy, valid_records, enc, args, device, dtype)
+        log.write(dict(update=0, **start))
         print(f"update 0/{n_updates} (the SFT policy)" + (f" | gold {start['gold_win_rate']:.3f}"
                                                            if "gold_win_rate" in start else ""))
     policy.train()
@@ -296,139 +437,32 @@ def main(argv=None):
     while update < n_updates:
         t0 = time.time()
         beta = kl_ctl.beta if kl_ctl else args.beta
-        lr = args.lr * (1 - update / n_updates)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = args.lr * (1 - update / n_updates)  # linear decay to 0
         idx = data.batch_indices(len(queries), args.rollout_batch_size, update, args.seed)
-        mine = idx[distributed.shard(len(idx))]  # this process's share of the rollout batch
-        q_all = torch.as_tensor(queries[mine], device=device).long()
-
-        # rollout: sample, then score everything with no gradient, in micro-batches
-        with torch.no_grad():
-            rollout = []
-            for mb in micro_batches(len(mine), args.micro_batch_size):
-                q, _ = trim_padding(q_all[mb], pad)
-                policy.eval()
-                with autocast(device, dtype):
-                    tokens = policy.generate(q, (q != pad).long(), max_new_tokens=R, temperature=args.temperature,
-                                             eos_id=eos, pad_id=pad, generator=gen)
-                policy.train()
-                mask = (tokens != pad).long()
-                resp_mask = mask[:, q.size(1):].float()
-                with autocast(device, dtype):
-                    logp = response_logprobs(policy, tokens, mask, q.size(1), args.temperature)
-                    ref_logp = response_logprobs(ref, tokens, mask, q.size(1), args.temperature)
-                    values = value(tokens, mask, head_from=q.size(1) - 1)[:, :-1].float()
-                    score = reward_at_eos(rm, tokens, mask)
-                has_eos = (tokens[:, q.size(1):] == eos).any(1)
-                score = torch.where(has_eos, score, torch.full_like(score, args.no_eos_score))
-                rollout.append(dict(tokens=tokens, mask=mask, n_query=q.size(1), resp_mask=resp_mask, logp=logp,
-                                    ref_logp=ref_logp, values=values, score=score, has_eos=has_eos))
-        cat = lambda k: torch.cat([r[k] for r in rollout])  # noqa: E731
-        logp, ref_logp, values, score, resp_mask = (cat(k) for k in ("logp", "ref_logp", "values", "score",
-                                                                      "resp_mask"))
-        rewards, kl = shape_rewards(score, logp, ref_logp, resp_mask, beta)
-        advantages, returns = gae(rewards, values, resp_mask, args.gamma, args.lam)
-        advantages = masked_whiten(advantages, resp_mask, across_ranks=True)  # statistics of the global batch
-        for i, r in enumerate(rollout):  # the per-token targets travel with their micro-batch
-            rows = micro_batches(len(mine), args.micro_batch_size)[i]
-            r.update(advantages=advantages[rows], returns=returns[rows])
-
-        # PPO epochs. The first epoch goes through the micro-batches in rollout order, so its first minibatch
-        # recomputes exactly the rollout's log-probs (ratio 1); later epochs shuffle. Under torchrun every process
-        # draws the same order of its own micro-batches, and a minibatch is one slice of that order on each.
-        stats, first_ratio = [], None
-        micro_per_mini = max(1, args.minibatch_size // world // args.micro_batch_size)
-        order = list(range(len(rollout)))
-        for epoch in range(args.ppo_epochs):
-            if epoch:
-                order = np.random.default_rng([args.seed, update, epoch]).permutation(len(rollout)).tolist()
-            for start in range(0, len(order), micro_per_mini):
-                minibatch = order[start:start + micro_per_mini]
-                for i in minibatch:
-                    r = rollout[i]
-                    skip = i != minibatch[-1]  # DDP averages the gradients once per minibatch, after its last part
-                    with (distributed.no_sync(train_policy, skip), distributed.no_sync(train_value, skip),
-                          autocast(device, dtype)):
-                        new_logp, entropy = response_logprobs(train_policy, r["tokens"], r["mask"], r["n_query"],
-                                                              args.temperature, with_entropy=True)
-                        vpred = train_value(r["tokens"], r["mask"], head_from=r["n_query"] - 1)[:, :-1].float()
-                    pg, clipfrac, approx_kl = policy_loss(new_logp, r["logp"], r["advantages"], r["resp_mask"],
-                                                          args.clip)
-                    vf, vf_clipfrac = value_loss(vpred, r["values"], r["returns"], r["resp_mask"], args.clip_value)
-                    loss = pg + args.vf_coef * vf
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"update {update + 1}: the loss is {loss.item()}; stopping. The last "
-                                                 f"good checkpoints are kept in {out}")
-                    (loss / micro_per_mini).backward()
-                    if first_ratio is None:
-                        first_ratio = dict(ratio_max_dev=(new_logp - r["logp"]).abs().max().exp().item() - 1,
-                                           approx_kl=approx_kl.item())
-                    stats.append([pg.item(), vf.item(), clipfrac.item(), vf_clipfrac.item(), approx_kl.item(),
-                                  masked_mean(entropy, r["resp_mask"]).item()])
-                if args.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(value.parameters()),
-                                                   args.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        mine = torch.as_tensor(queries[idx[distributed.shard(len(idx))]], device=device).long()  # this process's
+        parts, batch = rollout(policy, ref, value, rm, mine, beta, gen, args, pad, eos, device, dtype)
+        stats, first = ppo_update(train_policy, train_value, optimizer, parts, lr, update, args, dtype)
         update += 1
-        kl_sum = kl.sum(1)
-        pg, vf, clipfrac, vf_clipfrac, approx_kl, entropy = np.mean(stats, axis=0).tolist()
-        row = dict(update=update, episodes=update * args.rollout_batch_size, score=score.mean().item(),
-                   rlhf_reward=(score - beta * kl_sum).mean().item(), kl=kl_sum.mean().item(), beta=beta,
-                   entropy=entropy, approx_kl=approx_kl, first_minibatch_approx_kl=first_ratio["approx_kl"],
-                   first_minibatch_ratio_dev=first_ratio["ratio_max_dev"], clipfrac=clipfrac, policy_loss=pg,
-                   value_loss=vf, value_clipfrac=vf_clipfrac,
-                   explained_variance=explained_variance(values, returns, resp_mask, across_ranks=True),
-                   length=resp_mask.sum(1).mean().item(), eos_fraction=cat("has_eos").float().mean().item(), lr=lr,
-                   episodes_per_s=len(idx) / (time.time() - t0), elapsed=time.time() - t_start)
-        # Under torchrun each process measured its equal share of the batch: the average is the batch's mean. Every
-        # process gets it, so the adaptive beta stays the same everywhere.
-        shared = ("score", "rlhf_reward", "kl", "entropy", "approx_kl", "first_minibatch_approx_kl",
-                  "first_minibatch_ratio_dev", "clipfrac", "policy_loss", "value_loss", "value_clipfrac", "length",
-                  "eos_fraction")
-        row.update(zip(shared, distributed.mean_over_ranks([row[k] for k in shared])))
+        row = update_row(update, batch, stats, first, beta, lr, args, time.time() - t0, time.time() - t_start)
         if kl_ctl:
             kl_ctl.update(row["kl"], args.rollout_batch_size)
         if update % args.eval_every == 0 or update == n_updates:
-            row.update(evaluate())
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-        print(f"update {update}/{n_updates} | score {row['score']:.3f} | kl {row['kl']:.2f} | reward "
-              f"{row['rlhf_reward']:.3f} | entropy {row['entropy']:.2f} | approx-kl {row['approx_kl']:.4f} (first "
-              f"{row['first_minibatch_approx_kl']:.1e}) | clip {row['clipfrac']:.3f} | vf {row['value_loss']:.3f} ev "
-              f"{row['explained_variance']:.2f} | len {row['length']:.1f} eos {row['eos_fraction']:.2f} | "
-              f"{row['episodes_per_s']:.0f} ep/s" + (f" | gold {row['gold_win_rate']:.3f}"
-                                                     if "gold_win_rate" in row else ""))
-        for s in row.get("samples", [])[:2]:
-            print(f"    ref:{s['reference']}\n    ppo:{s['policy']}")
-        if update % args.save_every == 0:
-            save(out / f"ppo_step{update}.pt")
+            row.update(evaluate_policy(policy, valid_records, enc, args, device, dtype))
+        log.write(row)
+        print_row(row, n_updates)
+        meta = dict(stage="ppo", task=args.task, tokenizer=enc.name, args=args, step=update)
+        if update % args.save_every == 0 and distributed.is_main():
+            save_checkpoint(out / f"ppo_step{update}.pt", policy, **meta)
         if update % args.save_every == 0 or update == args.stop_after:
-            save(resume_path, resume_state=True)
+            save_resume(out / "ppo.resume.pt", policy, value, optimizer, gen, kl_ctl, meta)
         if update == args.stop_after and update < n_updates:
             print(f"ppo: stopped after update {update} (--stop-after); continue with --resume")
             return
     log.close()
 
-    final = evaluate()
-    if not distributed.is_main():
-        return  # the metrics and files are rank 0's
-    first = json.loads((out / "ppo.log.jsonl").read_text().splitlines()[0])
-    if "gold_win_rate" in first:
-        final["sft_gold_win_rate"] = first["gold_win_rate"]
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    metrics = dict(updates=update, episodes=update * args.rollout_batch_size, kl=row["kl"], score=row["score"],
-                   minutes=(time.time() - t_start) / 60, peak_memory_gb=peak,
-                   **{k: v for k, v in final.items() if k != "samples"})
-    save_checkpoint(out / "ppo.pt", policy, stage="ppo", task=args.task, tokenizer=enc.name, args=args, step=update,
-                    metrics=metrics)
-    (out / "ppo.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    resume_path.unlink(missing_ok=True)
-    print("ppo: " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-    print(f"ppo: peak memory {peak:.2f} GB ({'CUDA max allocated' if device.type == 'cuda' else 'resident set'})")
-    print(f"ppo: wrote {out / 'ppo.pt'}")
+    final = evaluate_policy(policy, valid_records, enc, args, device, dtype)
+    if distributed.is_main():  # the metrics and files are rank 0's
+        finish(policy, final, args, enc, out, update, t_start, device)
 
 
 if __name__ == "__main__":
