@@ -14,7 +14,6 @@ Writes <out>/sft.pt (the policy), <out>/sft.json (final metrics), <out>/sft.log.
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,12 +22,13 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import (GPT, GPTConfig, autocast, configure_optimizers, cosine_lr, paper_lr, pick_dtype, sample_responses,
-                   trim_padding)
+from model import (GPT, GPTConfig, autocast, configure_optimizers, cosine_lr, optimizer_step, paper_lr, pick_dtype,
+                   sample_responses, trim_padding)
 from support import distributed, hf
 from support.checkpoint import (CheckpointError, load_checkpoint, load_resume_state, model_from_checkpoint,
                                 save_checkpoint, save_resume_state)
 from support.cli import add_run_args, add_task_args, fill_task_defaults
+from support.steplog import StepLog
 
 # Task defaults; a flag left at None takes its value from here. tldr follows the paper (batch 128, one epoch,
 # cosine decay, learning rate by model size); synth is sized so the whole stage takes minutes on a 2-core CPU.
@@ -126,115 +126,64 @@ def validation_loss(model, val, args, pad, device, dtype):
     return total / count
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    device = distributed.setup(args.device)  # the process group too, under torchrun
-    dtype = pick_dtype(device, args.dtype)
+def load_data(args, enc):
+    """Tokenized training and validation posts (rank 0 writes the files and caches first; the others read them)."""
     task = data.TASKS[args.task]
-    enc = data.get_tokenizer(task["tokenizer"])
-    pad, eos, Lq, Lr = data.pad_id(enc), enc.eot_token, task["query_len"], task["response_len"]
-
-    # data (rank 0 writes the files and caches first; other processes read them)
     with distributed.main_first():
         if args.task == "synth" and not (Path(args.data_dir) / task["files"]["train"]).exists():
             import synth  # the synthetic task is generated on first use, in seconds
             synth.write_synth(args.data_dir, seed=0)
         train_records = data.load_split(args.task, "train", args.data_dir)
         valid_records = data.load_split(args.task, "valid", args.data_dir)
-        train = data.prepare_sft(train_records, enc, Lq, Lr, args.cache_dir)
-        valid = data.prepare_sft(valid_records, enc, Lq, Lr, args.cache_dir)
-    val = {k: v[:args.val_size] for k, v in valid.items()}
-    n_train = len(train["query"])
-    total_steps = int(args.epochs * n_train) // args.batch_size
-    if total_steps < 1:
-        raise ValueError(f"{n_train} training examples make no step of --batch-size {args.batch_size}")
+        train = data.prepare_sft(train_records, enc, task["query_len"], task["response_len"], args.cache_dir)
+        valid = data.prepare_sft(valid_records, enc, task["query_len"], task["response_len"], args.cache_dir)
+    return train, valid, valid_records
+
+
+def train_step(train_forward, train, idx, args, pad, device, dtype):
+    """Forward and backward of one global batch (the rows idx), in micro-batches whose gradients add up to the mean
+    over the batch's target tokens. Returns the batch's mean loss and its number of tokens."""
     world = distributed.world_size()
     accum = args.batch_size // (args.micro_batch_size * world)  # micro-batches per process and step
+    # The global batch's target count, so micro-batch losses add up to the exact mean. Query and response are one
+    # contiguous run of real tokens per row: with --loss-on all every real token but the first is a target.
+    n_target = float((train["response"][idx] != pad).sum())
+    if args.loss_on == "all":
+        n_target += float((train["query"][idx] != pad).sum()) - len(idx)
+    mine = idx[distributed.shard(len(idx))]  # this process's rows of the global batch
+    loss_sum, tokens = 0.0, 0
+    for m in range(accum):
+        part = mine[m * args.micro_batch_size:(m + 1) * args.micro_batch_size]
+        q, r = data.tensors(train, part, ("query", "response"), device)
+        with distributed.no_sync(train_forward, skip=m < accum - 1), autocast(device, dtype):
+            loss, n = sft_loss(train_forward, q, r, pad, args.loss_on)
+        # DDP averages gradients over the processes; times their number, the average is the batch's sum.
+        (loss * world / n_target).backward()
+        loss_sum += loss.item()
+        tokens += int((q != pad).sum() + (r != pad).sum())
+    loss_sum, tokens = distributed.sum_over_ranks([loss_sum, tokens])
+    return loss_sum / n_target, tokens
 
-    # model and optimizer
-    model = build_model(args, enc, Lq + task["rm_response_len"]).to(device)  # room for the RM's longer responses
-    if Lq + Lr > model.config.block_size:
-        raise ValueError(f"queries of {Lq} + responses of {Lr} tokens exceed the model's {model.config.block_size}")
-    args.lr = args.lr or paper_lr("sft", model.num_params())
-    optimizer = configure_optimizers(model, args.lr, args.weight_decay, device_type=device.type)
-    step, log_mode = 0, "w"
-    resume_path = out / "sft.resume.pt"
-    if args.resume:
-        step, log_mode = load_resume_state(resume_path, model, optimizer, "sft")["step"], "a"
-    forward = torch.compile(model) if args.compile else model
-    train_forward = distributed.wrap(forward, device)  # DDP under torchrun: gradients averaged in backward()
-    print(f"sft: {args.task}, {model.num_params():,} parameters, {n_train:,} examples, {total_steps} steps of "
-          f"{args.batch_size} ({accum} x {args.micro_batch_size}" + (f" x {world} processes" if world > 1 else "")
-          + f"), lr {args.lr:.2e}, {device} {dtype}")
 
-    # training loop
-    log = open(out / "sft.log.jsonl" if distributed.is_main() else os.devnull, log_mode)  # rank 0 logs
-    t_start = time.time()
-    if step == 0:  # where the validation loss starts, for comparison
-        row = dict(step=0, val_loss=validation_loss(forward, val, args, pad, device, dtype), elapsed=0.0)
-        log.write(json.dumps(row) + "\n")
-        print(f"step 0/{total_steps} | val loss {row['val_loss']:.4f}")
-    model.train()
-    while step < total_steps:
-        t0 = time.time()
-        lr = cosine_lr(step, total_steps, args.lr, args.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        idx = data.batch_indices(n_train, args.batch_size, step, args.seed)
-        # The global batch's target count, so micro-batch losses add up to the exact mean. Query and response are one
-        # contiguous run of real tokens per row: with --loss-on all every real token but the first is a target.
-        n_target = float((train["response"][idx] != pad).sum())
-        if args.loss_on == "all":
-            n_target += float((train["query"][idx] != pad).sum()) - len(idx)
-        mine = idx[distributed.shard(len(idx))]  # this process's rows of the global batch
-        loss_sum, tokens = 0.0, 0
-        for m in range(accum):
-            part = mine[m * args.micro_batch_size:(m + 1) * args.micro_batch_size]
-            q, r = data.tensors(train, part, ("query", "response"), device)
-            with distributed.no_sync(train_forward, skip=m < accum - 1), autocast(device, dtype):
-                loss, n = sft_loss(train_forward, q, r, pad, args.loss_on)
-            # DDP averages gradients over the processes; times their number, the average is the batch's sum.
-            (loss * world / n_target).backward()
-            loss_sum += loss.item()
-            tokens += int((q != pad).sum() + (r != pad).sum())
-        loss_sum, tokens = distributed.sum_over_ranks([loss_sum, tokens])
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        row = dict(step=step, loss=loss_sum / n_target, lr=lr, tokens_per_s=tokens / (time.time() - t0),
-                   elapsed=time.time() - t_start)
-        if step % args.eval_every == 0 or step == total_steps:
-            row["val_loss"] = validation_loss(forward, val, args, pad, device, dtype)
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-        print(f"step {step}/{total_steps} | loss {row['loss']:.4f} | lr {lr:.2e} | {row['tokens_per_s']:,.0f} tok/s"
-              f" | {row['elapsed']:.1f}s" + (f" | val loss {row['val_loss']:.4f}" if "val_loss" in row else ""))
-        if (step % args.save_every == 0 or step == args.stop_after) and distributed.is_main():
-            save_resume_state(resume_path, model, optimizer, stage="sft", task=args.task, tokenizer=enc.name,
-                              args=args, step=step)
-        if step == args.stop_after and step < total_steps:
-            print(f"sft: stopped after step {step} (--stop-after); continue with --resume")
-            return
-    log.close()
-
-    # evaluation: temperature-0 summaries of validation posts, each process summarizing its shard
+def summarize_validation(model, valid, valid_records, args, enc, device, dtype):
+    """Temperature-0 summaries of the first --sample-n validation posts, each process summarizing its shard; every
+    process gets them all. Returns the posts, their prepared arrays and the summaries' tokens."""
     model.eval()
     sample = {k: v[:args.sample_n] for k, v in valid.items()}
     records = [valid_records[i] for i in sample["index"]]
     mine = sample["query"][distributed.shard(len(sample["query"]))]
-    responses = sample_responses(model, mine, Lr, 0.0, eos, pad, args.micro_batch_size, device, dtype,
+    responses = sample_responses(model, mine, data.TASKS[args.task]["response_len"], 0.0, enc.eot_token,
+                                 data.pad_id(enc), args.micro_batch_size, device, dtype,
                                  desc="sft: summarizing validation posts" if distributed.is_main() else None)
-    responses = distributed.gather(responses)
-    if not distributed.is_main():
-        return  # the metrics and files are rank 0's
+    return records, sample, distributed.gather(responses)
+
+
+def finish(model, last, records, sample, responses, args, enc, out, step, t_start):
+    """ROUGE, length and (synth) the gold preference of the final summaries; sft.pt, sft.json, sft_samples.jsonl."""
+    pad, eos = data.pad_id(enc), enc.eot_token
     texts = data.decode_responses(enc, responses)
     lengths = (responses != pad).sum(1) - (responses == eos).sum(1)  # tokens before EOS
-    metrics = dict(val_loss=row["val_loss"], train_loss=row["loss"], steps=step, examples=step * args.batch_size,
+    metrics = dict(val_loss=last["val_loss"], train_loss=last["loss"], steps=step, examples=step * args.batch_size,
                    minutes=(time.time() - t_start) / 60, sample_n=len(texts), mean_length=float(lengths.float().mean()),
                    ref_mean_length=float(((sample["response"] != pad).sum(1) - 1).mean()),
                    **data.mean_rouge(texts, [r["summary"] for r in records]))
@@ -251,9 +200,75 @@ def main(argv=None):
     save_checkpoint(out / "sft.pt", model, stage="sft", task=args.task, tokenizer=enc.name, args=args, step=step,
                     metrics=metrics)
     (out / "sft.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    resume_path.unlink(missing_ok=True)
+    (out / "sft.resume.pt").unlink(missing_ok=True)
     print("\nsft: " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     print(f"sft: wrote {out / 'sft.pt'}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    device = distributed.setup(args.device)  # the process group too, under torchrun
+    dtype = pick_dtype(device, args.dtype)
+    task = data.TASKS[args.task]
+    enc = data.get_tokenizer(task["tokenizer"])
+    pad, Lq, Lr = data.pad_id(enc), task["query_len"], task["response_len"]
+
+    train, valid, valid_records = load_data(args, enc)
+    val = {k: v[:args.val_size] for k, v in valid.items()}
+    n_train = len(train["query"])
+    total_steps = int(args.epochs * n_train) // args.batch_size
+    if total_steps < 1:
+        raise ValueError(f"{n_train} training examples make no step of --batch-size {args.batch_size}")
+
+    model = build_model(args, enc, Lq + task["rm_response_len"]).to(device)  # room for the RM's longer responses
+    if Lq + Lr > model.config.block_size:
+        raise ValueError(f"queries of {Lq} + responses of {Lr} tokens exceed the model's {model.config.block_size}")
+    args.lr = args.lr or paper_lr("sft", model.num_params())
+    optimizer = configure_optimizers(model, args.lr, args.weight_decay, device_type=device.type)
+    step = load_resume_state(out / "sft.resume.pt", model, optimizer, "sft")["step"] if args.resume else 0
+    forward = torch.compile(model) if args.compile else model
+    train_forward = distributed.wrap(forward, device)  # DDP under torchrun: gradients averaged in backward()
+    world = distributed.world_size()
+    print(f"sft: {args.task}, {model.num_params():,} parameters, {n_train:,} examples, {total_steps} steps of "
+          f"{args.batch_size} ({args.batch_size // (args.micro_batch_size * world)} x {args.micro_batch_size}"
+          + (f" x {world} processes" if world > 1 else "") + f"), lr {args.lr:.2e}, {device} {dtype}")
+
+    log = StepLog(out / "sft.log.jsonl", resume_step=step if args.resume else None)
+    t_start = time.time()
+    if step == 0:  # where the validation loss starts, for comparison
+        row = dict(step=0, val_loss=validation_loss(forward, val, args, pad, device, dtype), elapsed=0.0)
+        log.write(row)
+        print(f"step 0/{total_steps} | val loss {row['val_loss']:.4f}")
+    model.train()
+    while step < total_steps:
+        t0 = time.time()
+        lr = cosine_lr(step, total_steps, args.lr, args.warmup)
+        idx = data.batch_indices(n_train, args.batch_size, step, args.seed)
+        loss, tokens = train_step(train_forward, train, idx, args, pad, device, dtype)
+        optimizer_step(optimizer, model.parameters(), lr, args.grad_clip)
+        step += 1
+        row = dict(step=step, loss=loss, lr=lr, tokens_per_s=tokens / (time.time() - t0),
+                   elapsed=time.time() - t_start)
+        if step % args.eval_every == 0 or step == total_steps:
+            row["val_loss"] = validation_loss(forward, val, args, pad, device, dtype)
+        log.write(row)
+        print(f"step {step}/{total_steps} | loss {row['loss']:.4f} | lr {lr:.2e} | {row['tokens_per_s']:,.0f} tok/s"
+              f" | {row['elapsed']:.1f}s" + (f" | val loss {row['val_loss']:.4f}" if "val_loss" in row else ""))
+        if (step % args.save_every == 0 or step == args.stop_after) and distributed.is_main():
+            save_resume_state(out / "sft.resume.pt", model, optimizer, stage="sft", task=args.task,
+                              tokenizer=enc.name, args=args, step=step)
+        if step == args.stop_after and step < total_steps:
+            print(f"sft: stopped after step {step} (--stop-after); continue with --resume")
+            return
+    log.close()
+
+    records, sample, responses = summarize_validation(model, valid, valid_records, args, enc, device, dtype)
+    if distributed.is_main():  # the metrics and files are rank 0's
+        last = [json.loads(line) for line in (out / "sft.log.jsonl").read_text().splitlines()][-1]
+        finish(model, last, records, sample, responses, args, enc, out, step, t_start)
 
 
 if __name__ == "__main__":
