@@ -15,7 +15,6 @@ each with its standard error) and <out>/reward.log.jsonl; for synth also <out>/c
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -27,11 +26,13 @@ import torch.nn.functional as F
 
 import data
 import synth
-from model import autocast, configure_optimizers, cosine_lr, paper_lr, pick_dtype, reward_at_eos, trim_padding
+from model import (autocast, configure_optimizers, cosine_lr, optimizer_step, paper_lr, pick_dtype, reward_at_eos,
+                   trim_padding)
 from support import distributed
 from support.checkpoint import (CheckpointError, load_checkpoint, load_resume_state, model_from_checkpoint,
                                 save_checkpoint, save_resume_state)
 from support.cli import add_run_args, add_task_args, fill_task_defaults
+from support.steplog import StepLog
 
 DEFAULTS = {
     "tldr": dict(batch_size=64, micro_batch_size=8, lr=None, warmup=0.0, eval_every=200, save_every=200,
@@ -190,119 +191,62 @@ def collect_synth(args, enc, sft_ckpt, files, device, dtype):
           f"samples (T={args.temperature:g}, {args.ref_fraction:.0%} with the reference) in {time.time() - t0:.0f}s")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    device = distributed.setup(args.device)  # the process group too, under torchrun
-    dtype = pick_dtype(device, args.dtype)
-    task = data.TASKS[args.task]
-    enc = data.get_tokenizer(task["tokenizer"])
-    pad = data.pad_id(enc)
-
-    # the SFT model: the reward model's starting point and, for synth, the policy whose samples are compared
-    sft_ckpt = load_checkpoint(args.sft, stage="sft", task=args.task, tokenizer=enc.name)
-
-    # data
-    records = load_comparisons(args, enc, sft_ckpt, device, dtype)
-    with distributed.main_first():
-        arrays = data.prepare_comparisons(records, enc, task["query_len"], task["rm_response_len"], args.cache_dir)
+def split_rows(arrays, args):
+    """Training rows (the train split's TL;DR comparisons), every held-out row (valid1, valid2; TL;DR and CNN/DM,
+    never trained on) and the first --val-size held-out TL;DR rows for the accuracy logged during training."""
     split = arrays["split"]
     train_rows = np.flatnonzero((split == "train") & ~arrays["is_cnndm"])
-    eval_rows = np.flatnonzero(split != "train")  # valid1, valid2; TL;DR and CNN/DM (never trained on)
+    eval_rows = np.flatnonzero(split != "train")
     val_rows = eval_rows[~arrays["is_cnndm"][eval_rows]][:args.val_size]
     if len(train_rows) < args.batch_size or not len(eval_rows):
         raise data.DataError(f"{len(train_rows)} training and {len(eval_rows)} held-out comparisons: too few")
-    total_steps = int(args.epochs * len(train_rows)) // args.batch_size
-    world = distributed.world_size()
-    accum = args.batch_size // (args.micro_batch_size * world)  # micro-batches per process and step
+    return train_rows, eval_rows, val_rows
 
-    # model: the SFT trunk with a fresh scalar head, N(0, 1/(d+1)) (initialized in GPT)
-    torch.manual_seed(args.seed)  # the head's draw must not depend on whether comparisons were collected first
-    rm = model_from_checkpoint(sft_ckpt, head="scalar").to(device)
-    args.lr = args.lr or paper_lr("reward", rm.num_params())
-    optimizer = configure_optimizers(rm, args.lr, args.weight_decay, device_type=device.type)
-    step, log_mode = 0, "w"
-    resume_path = out / "reward.resume.pt"
-    if args.resume:
-        step, log_mode = load_resume_state(resume_path, rm, optimizer, "reward")["step"], "a"
-    forward = torch.compile(rm) if args.compile else rm
-    train_forward = distributed.wrap(forward, device)  # DDP under torchrun: gradients averaged in backward()
-    print(f"reward: {args.task}, {rm.num_params():,} parameters, {len(train_rows):,} training comparisons, "
-          f"{len(eval_rows):,} held out, {total_steps} steps of {args.batch_size} ({accum} x "
-          f"{args.micro_batch_size}" + (f" x {world} processes" if world > 1 else "")
-          + f"), lr {args.lr:.2e}, {device} {dtype}")
 
-    def rewards_of(rows):
-        """all_rewards of rows, each process scoring its shard; every process gets them all, in order."""
-        mine = rows[distributed.shard(len(rows))]
-        return tuple(distributed.gather(r) for r in all_rewards(forward, arrays, mine, args, pad, device, dtype))
+def train_step(train_forward, arrays, idx, args, pad, device, dtype):
+    """Forward and backward of one global batch of comparisons (the rows idx) in micro-batches; returns the batch's
+    mean loss and accuracy."""
+    accum = args.batch_size // (args.micro_batch_size * distributed.world_size())  # micro-batches per process
+    mine = idx[distributed.shard(len(idx))]  # this process's rows of the global batch
+    loss_sum, acc_sum = 0.0, 0.0
+    for m in range(accum):
+        part = mine[m * args.micro_batch_size:(m + 1) * args.micro_batch_size]
+        q, a, b = data.tensors(arrays, part, ("query", "response0", "response1"), device)
+        choice = torch.as_tensor(arrays["choice"][part], device=device)
+        with distributed.no_sync(train_forward, skip=m < accum - 1), autocast(device, dtype):
+            r0, r1 = pair_rewards(train_forward, q, a, b, pad)
+        loss, acc = preference_loss(r0.float(), r1.float(), choice)
+        (loss / accum).backward()  # DDP then averages over the processes: the mean over the global batch
+        loss_sum, acc_sum = loss_sum + loss.item() / accum, acc_sum + acc.item() / accum
+    return distributed.mean_over_ranks([loss_sum, acc_sum])
 
-    def held_out_accuracy(rows):
-        rm.eval()
-        r0, r1 = rewards_of(rows)
-        rm.train()
-        return float(((r1 > r0) == (arrays["choice"][rows] == 1)).mean())
 
-    # training loop: one epoch over the training comparisons
-    log = open(out / "reward.log.jsonl" if distributed.is_main() else os.devnull, log_mode)  # rank 0 logs
-    t_start = time.time()
+def rewards_of(rm, arrays, rows, args, pad, device, dtype):
+    """all_rewards of rows, each process scoring its shard; every process gets them all, in order."""
+    mine = rows[distributed.shard(len(rows))]
+    return tuple(distributed.gather(r) for r in all_rewards(rm, arrays, mine, args, pad, device, dtype))
+
+
+def held_out_accuracy(rm, arrays, rows, args, pad, device, dtype):
+    rm.eval()
+    r0, r1 = rewards_of(rm, arrays, rows, args, pad, device, dtype)
     rm.train()
-    while step < total_steps:
-        t0 = time.time()
-        lr = cosine_lr(step, total_steps, args.lr, args.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        idx = train_rows[data.batch_indices(len(train_rows), args.batch_size, step, args.seed)]
-        mine = idx[distributed.shard(len(idx))]  # this process's rows of the global batch
-        loss_sum, acc_sum = 0.0, 0.0
-        for m in range(accum):
-            part = mine[m * args.micro_batch_size:(m + 1) * args.micro_batch_size]
-            q, a, b = data.tensors(arrays, part, ("query", "response0", "response1"), device)
-            choice = torch.as_tensor(arrays["choice"][part], device=device)
-            with distributed.no_sync(train_forward, skip=m < accum - 1), autocast(device, dtype):
-                r0, r1 = pair_rewards(train_forward, q, a, b, pad)
-            loss, acc = preference_loss(r0.float(), r1.float(), choice)
-            (loss / accum).backward()  # DDP then averages over the processes: the mean over the global batch
-            loss_sum, acc_sum = loss_sum + loss.item() / accum, acc_sum + acc.item() / accum
-        loss_sum, acc_sum = distributed.mean_over_ranks([loss_sum, acc_sum])
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        row = dict(step=step, loss=loss_sum, accuracy=acc_sum, lr=lr, pairs_per_s=len(idx) / (time.time() - t0),
-                   elapsed=time.time() - t_start)
-        if step % args.eval_every == 0 or step == total_steps:
-            row["val_accuracy"] = held_out_accuracy(val_rows)
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-        print(f"step {step}/{total_steps} | loss {loss_sum:.4f} | acc {acc_sum:.3f} | lr {lr:.2e} | "
-              f"{row['pairs_per_s']:.0f} pairs/s | {row['elapsed']:.1f}s"
-              + (f" | val acc {row['val_accuracy']:.3f}" if "val_accuracy" in row else ""))
-        if (step % args.save_every == 0 or step == args.stop_after) and distributed.is_main():
-            save_resume_state(resume_path, rm, optimizer, stage="reward", task=args.task, tokenizer=enc.name,
-                              args=args, step=step)
-        if step == args.stop_after and step < total_steps:
-            print(f"reward: stopped after step {step} (--stop-after); continue with --resume")
-            return
-    log.close()
+    return float(((r1 > r0) == (arrays["choice"][rows] == 1)).mean())
 
-    # normalization (section 3.4): the bias that gives the references of training posts a mean reward of 0; every
-    # process scores a shard of the posts and applies the same bias
+
+def normalize(rm, forward, enc, args, device, dtype):
+    """Section 3.4: the bias that gives the reference summaries of training posts a mean reward of 0. Every process
+    scores a shard of the posts and applies the same bias. Returns the references' rewards before and after."""
     rm.eval()
     norm_records = data.load_split(args.task, "train", args.data_dir)[:args.norm_n]
     mine = norm_records[distributed.shard(len(norm_records))]
     before = distributed.gather(reference_rewards(forward, mine, enc, args, device, dtype))
     with torch.no_grad():
         rm.score.bias -= float(before.mean())
-    after = before - before.mean()  # the bias moves every reward by the same amount
+    return before, before - before.mean()  # the bias moves every reward by the same amount
 
-    # evaluation on every held-out comparison
-    r0, r1 = rewards_of(eval_rows)
-    if not distributed.is_main():
-        return  # the metrics and files are rank 0's
+
+def final_metrics(rm, arrays, records, eval_rows, r0, r1, before, after, train_rows, args, step, t_start):
     correct = (r1 > r0) == (arrays["choice"][eval_rows] == 1)
     both = np.concatenate([r0, r1])
     metrics = dict(accuracy=accuracy_report(correct, arrays, eval_rows, args.task), train_comparisons=len(train_rows),
@@ -314,11 +258,10 @@ def main(argv=None):
         p, se = synth.second_opinion_agreement(held, synth.make_labelers(args.labelers, seed=args.seed),
                                                random.Random(args.seed))
         metrics.update(labeler_agreement=p, labeler_agreement_stderr=se)
-    save_checkpoint(out / "reward.pt", rm, stage="reward", task=args.task, tokenizer=enc.name, args=args, step=step,
-                    metrics=metrics, norm_bias=rm.score.bias.item())
-    (out / "reward.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    resume_path.unlink(missing_ok=True)
+    return metrics
 
+
+def print_report(metrics, args, out):
     for name, rep in metrics["accuracy"].items():
         o = rep["overall"]
         print(f"reward: {name} held-out accuracy {o['accuracy']:.3f} +- {o['stderr']:.3f} (n={o['n']:,})")
@@ -332,6 +275,78 @@ def main(argv=None):
           f"{metrics['reference_reward_after']:.3f} after normalization; all held-out rewards "
           f"{metrics['reward_mean']:.3f} +- {metrics['reward_std']:.3f}")
     print(f"reward: wrote {out / 'reward.pt'} in {metrics['minutes']:.1f} min")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    device = distributed.setup(args.device)  # the process group too, under torchrun
+    dtype = pick_dtype(device, args.dtype)
+    task = data.TASKS[args.task]
+    enc = data.get_tokenizer(task["tokenizer"])
+    pad = data.pad_id(enc)
+
+    # the SFT model: the reward model's starting point and, for synth, the policy whose samples are compared
+    sft_ckpt = load_checkpoint(args.sft, stage="sft", task=args.task, tokenizer=enc.name)
+    records = load_comparisons(args, enc, sft_ckpt, device, dtype)
+    with distributed.main_first():
+        arrays = data.prepare_comparisons(records, enc, task["query_len"], task["rm_response_len"], args.cache_dir)
+    train_rows, eval_rows, val_rows = split_rows(arrays, args)
+    total_steps = int(args.epochs * len(train_rows)) // args.batch_size
+
+    # the SFT trunk with a fresh scalar head, N(0, 1/(d+1)) (initialized in GPT)
+    torch.manual_seed(args.seed)  # the head's draw must not depend on whether comparisons were collected first
+    rm = model_from_checkpoint(sft_ckpt, head="scalar").to(device)
+    args.lr = args.lr or paper_lr("reward", rm.num_params())
+    optimizer = configure_optimizers(rm, args.lr, args.weight_decay, device_type=device.type)
+    step = load_resume_state(out / "reward.resume.pt", rm, optimizer, "reward")["step"] if args.resume else 0
+    forward = torch.compile(rm) if args.compile else rm
+    train_forward = distributed.wrap(forward, device)  # DDP under torchrun: gradients averaged in backward()
+    world = distributed.world_size()
+    print(f"reward: {args.task}, {rm.num_params():,} parameters, {len(train_rows):,} training comparisons, "
+          f"{len(eval_rows):,} held out, {total_steps} steps of {args.batch_size} "
+          f"({args.batch_size // (args.micro_batch_size * world)} x {args.micro_batch_size}"
+          + (f" x {world} processes" if world > 1 else "") + f"), lr {args.lr:.2e}, {device} {dtype}")
+
+    # one epoch over the training comparisons
+    log = StepLog(out / "reward.log.jsonl", resume_step=step if args.resume else None)
+    t_start = time.time()
+    rm.train()
+    while step < total_steps:
+        t0 = time.time()
+        lr = cosine_lr(step, total_steps, args.lr, args.warmup)
+        idx = train_rows[data.batch_indices(len(train_rows), args.batch_size, step, args.seed)]
+        loss, acc = train_step(train_forward, arrays, idx, args, pad, device, dtype)
+        optimizer_step(optimizer, rm.parameters(), lr, args.grad_clip)
+        step += 1
+        row = dict(step=step, loss=loss, accuracy=acc, lr=lr, pairs_per_s=len(idx) / (time.time() - t0),
+                   elapsed=time.time() - t_start)
+        if step % args.eval_every == 0 or step == total_steps:
+            row["val_accuracy"] = held_out_accuracy(forward, arrays, val_rows, args, pad, device, dtype)
+        log.write(row)
+        print(f"step {step}/{total_steps} | loss {loss:.4f} | acc {acc:.3f} | lr {lr:.2e} | "
+              f"{row['pairs_per_s']:.0f} pairs/s | {row['elapsed']:.1f}s"
+              + (f" | val acc {row['val_accuracy']:.3f}" if "val_accuracy" in row else ""))
+        if (step % args.save_every == 0 or step == args.stop_after) and distributed.is_main():
+            save_resume_state(out / "reward.resume.pt", rm, optimizer, stage="reward", task=args.task,
+                              tokenizer=enc.name, args=args, step=step)
+        if step == args.stop_after and step < total_steps:
+            print(f"reward: stopped after step {step} (--stop-after); continue with --resume")
+            return
+    log.close()
+
+    before, after = normalize(rm, forward, enc, args, device, dtype)
+    r0, r1 = rewards_of(forward, arrays, eval_rows, args, pad, device, dtype)  # every held-out comparison
+    if not distributed.is_main():
+        return  # the metrics and files are rank 0's
+    metrics = final_metrics(rm, arrays, records, eval_rows, r0, r1, before, after, train_rows, args, step, t_start)
+    save_checkpoint(out / "reward.pt", rm, stage="reward", task=args.task, tokenizer=enc.name, args=args, step=step,
+                    metrics=metrics, norm_bias=rm.score.bias.item())
+    (out / "reward.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    (out / "reward.resume.pt").unlink(missing_ok=True)
+    print_report(metrics, args, out)
 
 
 if __name__ == "__main__":
