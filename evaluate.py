@@ -309,6 +309,15 @@ def describe(texts, records, refs, judge, run, rm=None, kl=None):
     return row, wins, lengths
 
 
+def measure(path, name, records, refs, judge, run, sft, rm, kl_temperature):
+    """Temperature-0 summaries of the evaluation posts and the main table's row of one policy checkpoint."""
+    policy, ckpt = load_model(path, run, ("sft", "ppo"))
+    texts = summarize(policy, records, run, desc=f"{name}: summarizing")
+    kl = sample(policy, records, run, kl_temperature, ref=sft, desc=f"{name}: KL")[1] if sft else None
+    row, wins, lengths = describe(texts, records, refs, judge, run, rm, kl)
+    return dict(path=str(path), stage=ckpt["stage"], step=ckpt["step"], **row), texts, wins, lengths
+
+
 def best_of_n(sft, rm, records, refs, judge, run, max_n, temperature):
     """Figure 7: max_n SFT samples per post, once; for N = 1, 2, 4, ... the pick among the first N by the RM or by
     ROUGE-L against the reference, judged against the reference. KL is the best-of-N formula."""
@@ -521,20 +530,13 @@ def main(argv=None):
     print(f"evaluate: {len(args.policies)} policies on {len(records)} {args.data} posts of {args.task}, judge "
           f"{judge.name}, {device} {run.dtype}")
 
-    def measure(path, name):
-        """Temperature-0 summaries of the evaluation posts and the main table's row of one checkpoint."""
-        policy, ckpt = load_model(path, run, ("sft", "ppo"))
-        texts = summarize(policy, records, run, desc=f"{name}: summarizing")
-        kl = sample(policy, records, run, args.kl_temperature, ref=sft, desc=f"{name}: KL")[1] if sft else None
-        row, wins, lengths = describe(texts, records, refs, judge, run, rm, kl)
-        return dict(path=str(path), stage=ckpt["stage"], step=ckpt["step"], **row), texts, wins, lengths
-
     # the main table (figure 1): the references, then each policy
     texts, wins, lengths = {"reference": refs}, {}, {}
     results["policies"]["reference"], wins["reference"], lengths["reference"] = describe(refs, records, refs, judge,
                                                                                           run, rm)
+    setting = (records, refs, judge, run, sft, rm, args.kl_temperature)  # what every measured policy shares
     for name, path in zip(policy_names(args.policies), args.policies):
-        results["policies"][name], texts[name], wins[name], lengths[name] = measure(path, name)
+        results["policies"][name], texts[name], wins[name], lengths[name] = measure(path, name, *setting)
     log_ratio = {n: np.log(np.maximum(lengths[n], 1) / np.maximum(lengths["reference"], 1)) for n in wins}
     lc, slope = length_controlled({n: w for n, w in wins.items() if n != "reference"}, log_ratio)
     results["length_controlled"] = dict(preference=lc, slope_per_log_length_ratio=slope)
@@ -543,8 +545,8 @@ def main(argv=None):
         if sft is None:
             raise CheckpointError(f"--sweep needs the SFT policy to measure KL: {args.sft} does not exist")
         points = [args.sft] + [p for p in args.sweep if Path(p).resolve() != Path(args.sft).resolve()]
-        results["sweep"] = sorted(({k: v for k, v in measure(p, n)[0].items() if k not in ("rouge", "copying")}
-                                   | dict(name=n) for n, p in zip(policy_names(points), points)),
+        rows = [measure(p, n, *setting)[0] | dict(name=n) for n, p in zip(policy_names(points), points)]
+        results["sweep"] = sorted(({k: v for k, v in row.items() if k not in ("rouge", "copying")} for row in rows),
                                   key=lambda r: r["kl"]["mean"])
     if args.max_n and sft is not None and rm is not None:  # figure 7
         n_bon = min(args.bon_posts, len(records))
