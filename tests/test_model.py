@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import (GPT, GPTConfig, KVCache, autocast, configure_optimizers, last_token_index, response_logprobs,
-                   reward_at_eos, sample_token)
+                   reward_at_eos, row_noise, sample_token)
 from support import hf
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -215,3 +215,16 @@ def test_weight_decay_only_on_2d_weights():
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     n = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n == sum(p.numel() for p in model.parameters())  # the tied embedding counted once
+
+
+def test_rows_with_their_own_noise_sample_the_same_alone_or_in_a_batch():
+    model = tiny_model()
+    ids, mask = left_pad([[5, 6, 7, 8], [9, 10], [11, 12, 13]], 4)
+    noise = row_noise([101, 202, 303], 12)
+    together = model.generate(ids, mask, 12, temperature=1.0, noise=noise)
+    for i in range(3):  # each row alone, trimmed to its own length: the same tokens as beside the others
+        n = int(mask[i].sum())
+        alone = model.generate(ids[i:i + 1, 4 - n:], mask[i:i + 1, 4 - n:], 12, temperature=1.0, noise=noise[i:i + 1])
+        assert torch.equal(alone[0, n:], together[i, 4:])
+    other = model.generate(ids, mask, 12, temperature=1.0, noise=row_noise([1, 2, 3], 12))
+    assert not torch.equal(other, together)
