@@ -111,7 +111,11 @@ class KVCache:
     """Keys and values of every layer for one batch, allocated once for prompt + new tokens.
 
     Besides k and v it remembers which cached positions are real tokens (so padded keys stay masked while decoding)
-    and how many real tokens each row has seen (the position of its next token)."""
+    and how many real tokens each row has seen (the position of its next token).
+
+    After make_static() every decoding step has the same shapes: it writes at a position held in a tensor and attends
+    over the whole cache, whose unwritten keys are masked. torch.compile then captures the step once (on a GPU as a
+    CUDA graph, which removes the per-kernel launch cost that bounds decoding) instead of once per length."""
 
     def __init__(self, n_layer, batch, max_len, device):
         self.n_layer, self.max_len = n_layer, max_len
@@ -119,9 +123,19 @@ class KVCache:
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.n_real = torch.zeros(batch, dtype=torch.long, device=device)
         self.len = 0  # positions filled so far (the same for every row: padding is part of the row)
+        self.static, self.at = False, None
+
+    def make_static(self):
+        """Switch to fixed-shape single-token steps (after the prompt's pass has filled the cache)."""
+        self.static, self.at = True, torch.tensor([self.len], device=self.valid.device)
+        for t in (self.kv, self.valid, self.n_real, self.at):  # the CUDA graph reads and writes them in place
+            torch._dynamo.mark_static_address(t)
 
     def extend(self, valid):
-        """Register T new positions (valid: (B, T) bool); returns the key mask of the whole cache (B, len + T)."""
+        """Register T new positions (valid: (B, T) bool); returns the key mask of the whole cache (B, len + T), or
+        in static mode of all max_len positions."""
+        if self.static:
+            return self.valid.index_copy_(1, self.at, valid)
         T = valid.size(1)
         if self.len + T > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {self.len} used, {T} more asked")
@@ -130,6 +144,10 @@ class KVCache:
 
     def write(self, layer, k, v):
         B, nh, T, hs = k.shape
+        if self.static:
+            self.kv[layer, 0].index_copy_(2, self.at, k)
+            self.kv[layer, 1].index_copy_(2, self.at, v)
+            return self.kv[layer, 0], self.kv[layer, 1]
         if self.kv is None:
             self.kv = torch.empty((self.n_layer, 2, B, nh, self.max_len, hs), dtype=k.dtype, device=k.device)
         self.kv[layer, 0, :, :, self.len:self.len + T] = k
@@ -137,8 +155,11 @@ class KVCache:
         return self.kv[layer, 0, :, :, :self.len + T], self.kv[layer, 1, :, :, :self.len + T]
 
     def advance(self, valid):
-        self.len += valid.size(1)
         self.n_real += valid.sum(1)
+        if self.static:
+            self.at += 1  # a tensor, so the captured step is the same at every position
+        else:
+            self.len += valid.size(1)
 
 
 class GPT(nn.Module):
@@ -210,7 +231,9 @@ class GPT(nn.Module):
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds the model's {self.config.block_size} positions")
 
-        if keys_valid.all() and (past == 0 or T == 1):
+        if cache is not None and cache.static:  # one token per row: the unwritten keys are masked, so no causal mask
+            attn_mask, is_causal = keys_valid[:, None, None, :], False  # (B, 1, 1, max_len)
+        elif keys_valid.all() and (past == 0 or T == 1):
             attn_mask, is_causal = None, T > 1  # the fast paths: plain causal attention, or one token seeing all
         else:
             q_at = past + torch.arange(T, device=idx.device)
@@ -233,23 +256,32 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, attention_mask=None, max_new_tokens=48, temperature=1.0, eos_id=None, pad_id=None,
-                 generator=None, return_logprobs=False, noise=None):
+                 generator=None, return_logprobs=False, noise=None, compile=False):
         """Sample max_new_tokens after left-padded prompts idx (B, T), with a KV cache.
 
         temperature 0 is argmax; otherwise pure sampling from softmax(logits / temperature) (no top-k, no top-p:
         PPO's log-probs must describe exactly what was sampled). The randomness is the generator's stream, or with
         noise (B, max_new_tokens) each row's own uniforms (see row_noise), so that a row's sample does not depend on
         the rows beside it. Once a row has produced eos_id, its later tokens are pad_id (default: the PAD row,
-        vocab_size) and sampling stops when every row is done. Returns the (B, T + N) tokens, and with
-        return_logprobs also the (B, N) log-probs of the new tokens (0 after EOS)."""
+        vocab_size) and sampling stops when every row is done. compile: the one-token steps run through
+        torch.compile on a static cache (see KVCache.make_static); the same tokens up to float rounding, and worth it
+        when many batches of one shape follow (a prompt of another length or batch size compiles the step again).
+        Returns the (B, T + N) tokens, and with return_logprobs also the (B, N) log-probs of the new tokens (0 after
+        EOS)."""
         B, T = idx.shape
         cfg = self.config
+        if T + max_new_tokens > cfg.block_size:
+            raise ValueError(f"{T} prompt + {max_new_tokens} new tokens exceed the model's {cfg.block_size} positions")
         pad_id = cfg.vocab_size if pad_id is None else pad_id
         cache = KVCache(cfg.n_layer, B, T + max_new_tokens, idx.device)
         new = torch.full((B, max_new_tokens), pad_id, dtype=idx.dtype, device=idx.device)
         logprobs = torch.zeros(B, max_new_tokens, device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         logits = self(idx, attention_mask, cache=cache, head_from=T - 1)[:, -1]  # the prompt, in one pass
+        step = self
+        if compile:
+            cache.make_static()
+            step = compiled_decoder(self)
         for t in range(max_new_tokens):
             tok, logp = sample_token(logits, temperature, generator, None if noise is None else noise[:, t])
             tok = torch.where(done, pad_id, tok)
@@ -260,9 +292,27 @@ class GPT(nn.Module):
                 if done.all():
                     break
             if t + 1 < max_new_tokens:
-                logits = self(tok[:, None], cache=cache)[:, -1]
+                logits = step(tok[:, None], cache=cache)[:, -1]
         out = torch.cat([idx, new], dim=1)
         return (out, logprobs) if return_logprobs else out
+
+
+_COMPILED = {}
+
+
+def _decode(model, tok, cache):
+    return model(tok, cache=cache)
+
+
+def compiled_decoder(model):
+    """model's forward compiled for static-cache steps, as a function of (tokens, cache). On a GPU it runs as a CUDA
+    graph ("reduce-overhead"), which replays the step's hundreds of small kernels as one launch; the graph is
+    recorded once per model and shape, then reused."""
+    device = next(model.parameters()).device.type
+    if device not in _COMPILED:
+        _COMPILED[device] = torch.compile(_decode, mode="reduce-overhead" if device == "cuda" else None,
+                                          fullgraph=True, dynamic=False)
+    return lambda tok, cache: _COMPILED[device](model, tok, cache)
 
 
 # --------------------------------------------------------------------------------------------------------------------

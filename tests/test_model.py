@@ -228,3 +228,26 @@ def test_rows_with_their_own_noise_sample_the_same_alone_or_in_a_batch():
         assert torch.equal(alone[0, n:], together[i, 4:])
     other = model.generate(ids, mask, 12, temperature=1.0, noise=row_noise([1, 2, 3], 12))
     assert not torch.equal(other, together)
+
+
+@pytest.mark.slow
+def test_compiled_static_cache_decoding_samples_the_same_tokens():
+    # The static cache attends over all its positions with the unwritten ones masked, and torch.compile runs the step
+    # (a CUDA graph on GPUs): the same tokens and log-probs as the eager cache, after padded prompts, across calls.
+    model = tiny_model(seed=3)
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [9, 10], [11, 12, 13]], 5)
+    noise = row_noise([7, 8, 9], 10)
+    eager, logp = model.generate(ids, mask, 10, temperature=0.7, noise=noise, return_logprobs=True)
+    for _ in range(2):  # the second call replays what the first compiled
+        compiled, logp_c = model.generate(ids, mask, 10, temperature=0.7, noise=noise, return_logprobs=True,
+                                          compile=True)
+        assert torch.equal(compiled, eager)
+        torch.testing.assert_close(logp_c, logp, atol=1e-5, rtol=1e-5)
+    greedy = model.generate(ids, mask, 10, temperature=0, compile=True)
+    assert torch.equal(greedy, uncached_greedy(model, ids, mask, 10))
+
+
+def test_generation_longer_than_the_positions_is_refused():
+    model = tiny_model()  # 64 positions
+    with pytest.raises(ValueError, match="60 prompt \\+ 8 new tokens exceed the model's 64 positions"):
+        model.generate(torch.ones(1, 60, dtype=torch.long), max_new_tokens=8)
