@@ -17,6 +17,9 @@ Conventions (each tested in tests/test_ppo.py):
   each update sees ratio exactly 1 and approx-KL 0: the old log-probs come from the same forward, in the same
   micro-batches, as that first minibatch.
 - GAE with gamma 1, lambda 0.95; advantages whitened over the batch's real tokens; every mean is masked.
+- Each episode samples with the noise of its own seed, and the losses are token means over the whole minibatch
+  whose episodes are reshuffled every epoch, so --micro-batch-size, --sample-batch-size and the number of torchrun
+  processes change the result only by float rounding.
 
 Writes <out>/ppo.pt (the policy), <out>/ppo_step<N>.pt every --save-every updates (read a KL sweep off one run),
 <out>/ppo.json, <out>/ppo.log.jsonl (one line per update).
@@ -33,7 +36,7 @@ import torch
 
 import data
 from model import (autocast, configure_optimizers, optimizer_step, paper_lr, pick_dtype, response_logprobs,
-                   reward_at_eos, trim_padding)
+                   reward_at_eos, row_noise, trim_padding)
 from support import distributed
 from support.checkpoint import (CheckpointError, load_checkpoint, load_resume_state, model_from_checkpoint,
                                 save_checkpoint, save_resume_state)
@@ -53,20 +56,16 @@ DEFAULTS = {
 # ---------------------------------------------------------------------------------------------------------------------
 # the RLHF math: small pure functions, each tested against a hand-computed example
 
-def masked_mean(x, mask, across_ranks=False):
-    """Mean of x over the positions where mask is 1 (same shapes). across_ranks: over the positions of every
-    process under torchrun, as if their batches were one."""
-    if across_ranks:
-        total = distributed.all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]))
-        return total[0] / total[1]
-    return (x * mask).sum() / mask.sum()
+def masked_mean(x, mask, n=None):
+    """Mean of x over the positions where mask is 1 (same shapes). n, when given, replaces the count of those
+    positions: a micro-batch divides by its whole minibatch's count, so that micro-batches add up to its mean."""
+    return (x * mask).sum() / (mask.sum() if n is None else n)
 
 
-def masked_whiten(x, mask, eps=1e-8, across_ranks=False):
-    """(x - mean) / std over the masked positions (of every process, across_ranks); masked-out positions come back
-    0."""
-    mean = masked_mean(x, mask, across_ranks)
-    var = masked_mean((x - mean) ** 2, mask, across_ranks)
+def masked_whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over the masked positions; masked-out positions come back 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -96,23 +95,24 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return advantages, (advantages + values) * mask
 
 
-def policy_loss(logp, old_logp, advantages, mask, clip=0.2):
-    """PPO's clipped surrogate (Schulman et al. 2017), masked. All (B, R). Returns the loss, the fraction of tokens
-    where the clip was active, and approx-KL 0.5 * E[(log ratio)^2] (0 when the policy has not moved)."""
+def policy_loss(logp, old_logp, advantages, mask, clip=0.2, n=None):
+    """PPO's clipped surrogate (Schulman et al. 2017), masked. All (B, R); n as in masked_mean. Returns the loss,
+    the fraction of tokens where the clip was active, and approx-KL 0.5 * E[(log ratio)^2] (0 when the policy has not
+    moved)."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
-    clipfrac = masked_mean((torch.abs(ratio - 1) > clip).float(), mask)
-    return masked_mean(losses, mask), clipfrac, masked_mean(0.5 * log_ratio ** 2, mask)
+    clipfrac = masked_mean((torch.abs(ratio - 1) > clip).float(), mask, n)
+    return masked_mean(losses, mask, n), clipfrac, masked_mean(0.5 * log_ratio ** 2, mask, n)
 
 
-def value_loss(values, old_values, returns, mask, clip=0.2):
+def value_loss(values, old_values, returns, mask, clip=0.2, n=None):
     """Clipped value loss: 0.5 * max((v - R)^2, (v_clipped - R)^2), v_clipped within clip of the rollout's value.
-    All (B, R). Returns the loss and the fraction of tokens where clipping bound."""
+    All (B, R); n as in masked_mean. Returns the loss and the fraction of tokens where clipping bound."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
-    clipfrac = masked_mean(((values - returns) ** 2 < (clipped - returns) ** 2).float(), mask)
-    return 0.5 * masked_mean(losses, mask), clipfrac
+    clipfrac = masked_mean(((values - returns) ** 2 < (clipped - returns) ** 2).float(), mask, n)
+    return 0.5 * masked_mean(losses, mask, n), clipfrac
 
 
 class AdaptiveKL:
@@ -128,8 +128,8 @@ class AdaptiveKL:
         return self.beta
 
 
-def explained_variance(values, returns, mask, across_ranks=False):
-    mean = lambda x: masked_mean(x, mask, across_ranks)  # noqa: E731
+def explained_variance(values, returns, mask):
+    mean = lambda x: masked_mean(x, mask)  # noqa: E731
     var = mean((returns - mean(returns)) ** 2)
     diff = returns - values
     return float(1 - mean((diff - mean(diff)) ** 2) / var)
@@ -156,12 +156,15 @@ def parse_args(argv=None):
                    "(tldr: 512)")
     p.add_argument("--minibatch-size", type=int, help="responses per optimizer step within an update, over all "
                    "processes")
-    p.add_argument("--micro-batch-size", type=int, help="responses per forward pass in each process (sampling, "
-                   "scoring, training): lower it to fit memory; it never changes the result")
+    p.add_argument("--micro-batch-size", type=int, help="responses per forward pass in each process (scoring, "
+                   "training): lower it to fit memory; it changes the result only by float rounding")
+    p.add_argument("--sample-batch-size", type=int, help="responses sampled at once in each process (default: on a "
+                   "GPU as many as half its free memory holds, on a CPU the process's whole share of the rollout "
+                   "batch); it changes the result only by float rounding")
     p.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout batch")
     p.add_argument("--lr", type=float, help="peak learning rate, decayed linearly to 0. tldr default: the paper's "
-                   "PPO rates (1.5e-5 at 1.3B, 7e-6 at 6.7B) extrapolated to the model size (4.5e-5 for 124M); "
-                   "synth: 3e-5")
+                   "PPO rates (1.5e-5 at 1.3B, 7e-6 at 6.7B) along their power law, but never above 1.5e-5 (so "
+                   "1.5e-5 for every GPT-2 up to 1.3B; see tldr_lr); synth: 3e-5")
     p.add_argument("--gamma", type=float, default=1.0, help="discount")
     p.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
     p.add_argument("--clip", type=float, default=0.2, help="policy ratio clip")
@@ -172,7 +175,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, help="updates between temperature-0 samples of fixed validation posts")
     p.add_argument("--eval-n", type=int, help="validation posts summarized then (synth: judged by the gold labeler)")
     p.add_argument("--save-every", type=int, help="updates between ppo_step<N>.pt checkpoints (and the resume state)")
-    add_run_args(p, "ppo", compile=False)
+    add_run_args(p, "ppo", compile="torch.compile the policy's one-token sampling step (a static KV cache, run as a "
+                 "CUDA graph on a GPU; queries then keep their full padded length so every batch has one shape) and "
+                 "the training forwards of policy and value: faster on GPUs after a minute or two of compiling")
     args = p.parse_args(argv)
     fill_task_defaults(args, DEFAULTS)
     args.sft = args.sft or str(Path(args.out_dir) / "sft.pt")
@@ -194,7 +199,21 @@ def parse_args(argv=None):
     if world > 1:
         distributed.check_batch(p, "rollout-batch-size", args.rollout_batch_size, "micro-batch-size",
                                 args.micro_batch_size)
+    if args.minibatch_size > args.rollout_batch_size:
+        p.error(f"--minibatch-size {args.minibatch_size} is larger than --rollout-batch-size {args.rollout_batch_size}")
+    if args.sample_batch_size is not None and args.sample_batch_size < 1:
+        p.error(f"--sample-batch-size {args.sample_batch_size} must be at least 1")
     return args
+
+
+def tldr_lr(n_params):
+    """The default PPO learning rate for the real task. The paper's rates (appendix B.1: 1.5e-5 at 1.3B, 7e-6 at 6.7B)
+    fall with size; extended below 1.3B their power law would give 4.5e-5 at 124M, which no reproduction ran. What
+    did run at these sizes is lower: Ziegler et al.'s code, the paper's predecessor, used 1e-5 for GPT-2 124M at 512
+    episodes per update (its books tasks) and 2e-6 for its 124M TL;DR; Huang et al. (2024) 3e-6 from 1B to 6.9B. So
+    the law is followed only downwards from the paper's 1.3B rate. Not tuned here (no GPU run yet): if the KL runs
+    away or the policy collapses onto one summary, lower it."""
+    return min(paper_lr("ppo", n_params), paper_lr("ppo", 1.3e9))
 
 
 def build_models(args, enc, device):
@@ -214,82 +233,127 @@ def micro_batches(n, size):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# one update: a rollout, then the PPO epochs
+# one update: a rollout, the advantages, then the PPO epochs
+
+def episode_seeds(seed, update, n):
+    """A seed for each episode of an update, from (run seed, update, episode number): an episode's sample is the
+    same whatever batch, micro-batch or process it is sampled in."""
+    return [int(np.random.SeedSequence([seed, update, e]).generate_state(1)[0]) for e in range(n)]
+
+
+def my_episodes(n, minibatch_size):
+    """The episodes of a rollout batch of n that this process samples: its share of every minibatch of the first
+    epoch, so that it trains its own samples first, in the micro-batches that scored them."""
+    per, rank = minibatch_size // distributed.world_size(), distributed.rank()
+    return np.concatenate([np.arange(k + rank * per, k + (rank + 1) * per) for k in range(0, n, minibatch_size)])
+
+
+def episode_tokens(query, response, pad):
+    """Episodes as one (B, T) sequence each: the queries' common left padding trimmed, then the (B, R) responses.
+    Returns the tokens, their mask and the query length."""
+    q, _ = trim_padding(query, pad)
+    tokens = torch.cat([q, response], 1)
+    return tokens, (tokens != pad).long(), q.size(1)
+
 
 @torch.no_grad()
-def rollout(policy, ref, value, rm, queries, beta, gen, args, pad, eos, device, dtype):
-    """Section 3.4's episodes: responses to (N, Lq) left-padded queries sampled at the temperature, scored by the
-    reward model (--no-eos-score without EOS), the score and the KL penalty shaped into per-token rewards, and
-    advantages by GAE, whitened over the whole batch. Returns the micro-batches (dicts of tensors that the PPO epochs
-    replay, in the same shapes, so the first minibatch's ratio is exactly 1) and the batch's statistics."""
-    parts = []
+def rollout(policy, ref, value, rm, queries, seeds, args, pad, eos, device, dtype):
+    """Section 3.4's episodes for this process's (N, Lq) left-padded queries: responses sampled at the temperature,
+    --sample-batch-size at a time, each from its own seed; then, in the micro-batches that training uses (so the
+    first minibatch's ratio is exactly 1), their log-probs under the policy and the reference, the value estimates
+    and the reward model's score (--no-eos-score without EOS). Returns per-episode CPU tensors and the seconds
+    spent sampling and scoring."""
+    R, t0 = data.TASKS[args.task]["response_len"], time.time()
+    policy.eval()
+    responses = []
+    for sb in micro_batches(len(queries), args.sample_batch_size):
+        q = queries[sb] if args.compile else trim_padding(queries[sb], pad)[0]  # compiled: one shape for every batch
+        with autocast(device, dtype):
+            tokens = policy.generate(q, (q != pad).long(), R, args.temperature, eos, pad,
+                                     noise=row_noise(seeds[sb], R).to(device), compile=args.compile)
+        responses.append(tokens[:, q.size(1):])
+    policy.train()
+    response = torch.cat(responses).cpu()
+    t1 = time.time()
+    scored = []
     for mb in micro_batches(len(queries), args.micro_batch_size):
-        q, _ = trim_padding(queries[mb], pad)
-        policy.eval()
+        tokens, mask, n_query = episode_tokens(queries[mb], response[mb].to(device), pad)
         with autocast(device, dtype):
-            tokens = policy.generate(q, (q != pad).long(), max_new_tokens=data.TASKS[args.task]["response_len"],
-                                     temperature=args.temperature, eos_id=eos, pad_id=pad, generator=gen)
-        policy.train()
-        mask = (tokens != pad).long()
-        n_query = q.size(1)
-        with autocast(device, dtype):
-            logp = response_logprobs(policy, tokens, mask, n_query, args.temperature)
-            ref_logp = response_logprobs(ref, tokens, mask, n_query, args.temperature)
-            values = value(tokens, mask, head_from=n_query - 1)[:, :-1].float()
-            score = reward_at_eos(rm, tokens, mask)
-        has_eos = (tokens[:, n_query:] == eos).any(1)
-        score = torch.where(has_eos, score, torch.full_like(score, args.no_eos_score))
-        parts.append(dict(tokens=tokens, mask=mask, n_query=n_query, resp_mask=mask[:, n_query:].float(), logp=logp,
-                          ref_logp=ref_logp, values=values, score=score, has_eos=has_eos))
-    batch = {k: torch.cat([p[k] for p in parts]) for k in ("logp", "ref_logp", "values", "score", "resp_mask",
-                                                            "has_eos")}
+            scored.append(dict(logp=response_logprobs(policy, tokens, mask, n_query, args.temperature),
+                               ref_logp=response_logprobs(ref, tokens, mask, n_query, args.temperature),
+                               values=value(tokens, mask, head_from=n_query - 1)[:, :-1].float(),
+                               score=reward_at_eos(rm, tokens, mask)))
+    batch = {k: torch.cat([s[k] for s in scored]).cpu() for k in scored[0]}
+    batch.update(query=queries.cpu(), response=response, has_eos=(response == eos).any(1),
+                 resp_mask=(response != pad).float())
+    batch["score"] = torch.where(batch["has_eos"], batch["score"], torch.full_like(batch["score"], args.no_eos_score))
+    return batch, dict(sampling_s=t1 - t0, scoring_s=time.time() - t1)
+
+
+def gather_episodes(batch, mine):
+    """Under torchrun: every process's episodes on every process, in the rollout batch's order (mine: this
+    process's episode numbers), so that advantages are whitened over the whole batch and later epochs can shuffle
+    the whole batch. One process: the batch itself."""
+    if distributed.world_size() == 1:
+        return batch
+    where = torch.as_tensor(distributed.gather(mine.tolist())).argsort()
+    return {k: distributed.gather(v)[where] for k, v in batch.items()}
+
+
+def advantages(batch, beta, args):
+    """The paper's reward (the score at the EOS, the KL penalty on every token), GAE, and whitened advantages."""
     rewards, batch["kl"] = shape_rewards(batch["score"], batch["logp"], batch["ref_logp"], batch["resp_mask"], beta)
-    advantages, batch["returns"] = gae(rewards, batch["values"], batch["resp_mask"], args.gamma, args.lam)
-    advantages = masked_whiten(advantages, batch["resp_mask"], across_ranks=True)  # the global batch's statistics
-    for part, rows in zip(parts, micro_batches(len(queries), args.micro_batch_size)):
-        part.update(advantages=advantages[rows], returns=batch["returns"][rows])  # targets travel with their part
-    return parts, batch
+    adv, batch["returns"] = gae(rewards, batch["values"], batch["resp_mask"], args.gamma, args.lam)
+    batch["advantages"] = masked_whiten(adv, batch["resp_mask"])
+    return batch
 
 
-def ppo_update(train_policy, train_value, optimizer, parts, lr, update, args, dtype):
-    """--ppo-epochs passes of clipped policy and value steps over the rollout's micro-batches, one optimizer step per
-    minibatch. The first epoch goes in rollout order, so its first minibatch recomputes exactly the rollout's
-    log-probs (ratio 1); later epochs shuffle. Under torchrun every process draws the same order of its own
-    micro-batches, and DDP averages the gradients once per minibatch. Returns the mean statistics and those of the
-    very first micro-batch."""
-    world = distributed.world_size()
-    micro_per_mini = max(1, args.minibatch_size // world // args.micro_batch_size)
+def ppo_update(train_policy, train_value, optimizer, batch, lr, update, args, pad, device, dtype):
+    """--ppo-epochs passes over the rollout batch in minibatches of --minibatch-size episodes, one optimizer step
+    each, with the clipped policy and value losses as token means over the whole minibatch, however it is split into
+    micro-batches and processes. The first epoch goes in the rollout's order, so its first minibatch replays the
+    very forwards that scored it (ratio 1); each later epoch reshuffles the episodes. Returns the mean statistics
+    and those of the first micro-batch."""
+    world, rank, n = distributed.world_size(), distributed.rank(), len(batch["score"])
+    per = args.minibatch_size // world  # this process's episodes of a minibatch
     params = [p for model in (train_policy, train_value) for p in model.parameters()]
-    stats, first, order = [], None, list(range(len(parts)))
+    sums, first = np.zeros(6), None
     for epoch in range(args.ppo_epochs):
-        if epoch:
-            order = np.random.default_rng([args.seed, update, epoch]).permutation(len(parts)).tolist()
-        for start in range(0, len(order), micro_per_mini):
-            minibatch = order[start:start + micro_per_mini]
-            for i in minibatch:
-                part, skip = parts[i], i != minibatch[-1]  # gradients sync after the minibatch's last part
+        order = np.arange(n) if epoch == 0 else np.random.default_rng([args.seed, update, epoch]).permutation(n)
+        for start in range(0, n, args.minibatch_size):
+            minibatch = order[start:start + args.minibatch_size]
+            n_tokens = batch["resp_mask"][minibatch].sum().item()  # the denominator of every token mean
+            mine = minibatch[rank * per:(rank + 1) * per]
+            parts = micro_batches(len(mine), args.micro_batch_size)
+            for i, mb in enumerate(parts):
+                ep = {k: batch[k][mine[mb]].to(device) for k in ("query", "response", "logp", "values", "advantages",
+                                                                 "returns", "resp_mask")}
+                tokens, mask, n_query = episode_tokens(ep["query"], ep["response"], pad)
+                skip = i < len(parts) - 1  # DDP averages the gradients once, after the minibatch's last part
                 with (distributed.no_sync(train_policy, skip), distributed.no_sync(train_value, skip),
-                      autocast(part["tokens"].device, dtype)):
-                    new_logp, entropy = response_logprobs(train_policy, part["tokens"], part["mask"],
-                                                          part["n_query"], args.temperature, with_entropy=True)
-                    vpred = train_value(part["tokens"], part["mask"], head_from=part["n_query"] - 1)[:, :-1].float()
-                pg, clipfrac, approx_kl = policy_loss(new_logp, part["logp"], part["advantages"], part["resp_mask"],
-                                                      args.clip)
-                vf, vf_clipfrac = value_loss(vpred, part["values"], part["returns"], part["resp_mask"],
-                                             args.clip_value)
+                      autocast(device, dtype)):
+                    new_logp, entropy = response_logprobs(train_policy, tokens, mask, n_query, args.temperature,
+                                                          with_entropy=True)
+                    vpred = train_value(tokens, mask, head_from=n_query - 1)[:, :-1].float()
+                m = ep["resp_mask"]
+                pg, clipfrac, approx_kl = policy_loss(new_logp, ep["logp"], ep["advantages"], m, args.clip, n_tokens)
+                vf, vf_clipfrac = value_loss(vpred, ep["values"], ep["returns"], m, args.clip_value, n_tokens)
                 loss = pg + args.vf_coef * vf
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"update {update + 1}: the loss is {loss.item()}; stopping. The last "
                                              f"good checkpoints are kept in {Path(args.out_dir)}")
-                (loss / micro_per_mini).backward()
+                (loss * world).backward()  # DDP divides the processes' summed gradients by their number
                 if first is None:
-                    first = dict(ratio_max_dev=(new_logp - part["logp"]).abs().max().exp().item() - 1,
-                                 approx_kl=approx_kl.item())
-                stats.append([pg.item(), vf.item(), clipfrac.item(), vf_clipfrac.item(), approx_kl.item(),
-                              masked_mean(entropy, part["resp_mask"]).item()])
+                    first = [(new_logp - ep["logp"]).abs().max().exp().item() - 1,
+                             masked_mean(0.5 * (new_logp - ep["logp"]) ** 2, m).item()]
+                sums += [pg.item(), vf.item(), clipfrac.item(), vf_clipfrac.item(), approx_kl.item(),
+                         masked_mean(entropy, m, n_tokens).item()]
             optimizer_step(optimizer, params, lr, args.grad_clip)
+    n_minibatches = args.ppo_epochs * (n // args.minibatch_size)
     names = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl", "entropy")
-    return dict(zip(names, np.mean(stats, axis=0).tolist())), first
+    stats = dict(zip(names, distributed.sum_over_ranks((sums / n_minibatches).tolist())))
+    first = dict(zip(("ratio_max_dev", "approx_kl"), distributed.mean_over_ranks(first)))
+    return stats, first
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -319,25 +383,18 @@ def evaluate_policy(policy, records, enc, args, device, dtype):
     return row
 
 
-def update_row(update, batch, stats, first, beta, lr, args, seconds, elapsed):
-    """What one update logs (the DESIGN's list). Under torchrun each process measured its equal share of the batch:
-    the average over the processes is the batch's mean, and every process gets it, so an adaptive beta agrees."""
+def update_row(update, batch, stats, first, beta, lr, args, seconds):
+    """What one update logs (the DESIGN's list), for the whole rollout batch (every process holds all of it)."""
     kl_sum, score = batch["kl"].sum(1), batch["score"]
-    row = dict(update=update, episodes=update * args.rollout_batch_size, score=score.mean().item(),
-               rlhf_reward=(score - beta * kl_sum).mean().item(), kl=kl_sum.mean().item(), beta=beta,
-               entropy=stats["entropy"], approx_kl=stats["approx_kl"], first_minibatch_approx_kl=first["approx_kl"],
-               first_minibatch_ratio_dev=first["ratio_max_dev"], clipfrac=stats["clipfrac"],
-               policy_loss=stats["policy_loss"], value_loss=stats["value_loss"],
-               value_clipfrac=stats["value_clipfrac"],
-               explained_variance=explained_variance(batch["values"], batch["returns"], batch["resp_mask"],
-                                                     across_ranks=True),
-               length=batch["resp_mask"].sum(1).mean().item(), eos_fraction=batch["has_eos"].float().mean().item(),
-               lr=lr, episodes_per_s=args.rollout_batch_size / seconds, elapsed=elapsed)
-    shared = ("score", "rlhf_reward", "kl", "entropy", "approx_kl", "first_minibatch_approx_kl",
-              "first_minibatch_ratio_dev", "clipfrac", "policy_loss", "value_loss", "value_clipfrac", "length",
-              "eos_fraction")
-    row.update(zip(shared, distributed.mean_over_ranks([row[k] for k in shared])))
-    return row
+    return dict(update=update, episodes=update * args.rollout_batch_size, score=score.mean().item(),
+                rlhf_reward=(score - beta * kl_sum).mean().item(), kl=kl_sum.mean().item(), beta=beta,
+                entropy=stats["entropy"], approx_kl=stats["approx_kl"], first_minibatch_approx_kl=first["approx_kl"],
+                first_minibatch_ratio_dev=first["ratio_max_dev"], clipfrac=stats["clipfrac"],
+                policy_loss=stats["policy_loss"], value_loss=stats["value_loss"],
+                value_clipfrac=stats["value_clipfrac"],
+                explained_variance=explained_variance(batch["values"], batch["returns"], batch["resp_mask"]),
+                length=batch["resp_mask"].sum(1).mean().item(), eos_fraction=batch["has_eos"].float().mean().item(),
+                lr=lr, episodes_per_s=args.rollout_batch_size / sum(seconds.values()), **seconds)
 
 
 def print_row(row, n_updates):
@@ -345,36 +402,41 @@ def print_row(row, n_updates):
           f"{row['rlhf_reward']:.3f} | entropy {row['entropy']:.2f} | approx-kl {row['approx_kl']:.4f} (first "
           f"{row['first_minibatch_approx_kl']:.1e}) | clip {row['clipfrac']:.3f} | vf {row['value_loss']:.3f} ev "
           f"{row['explained_variance']:.2f} | len {row['length']:.1f} eos {row['eos_fraction']:.2f} | "
-          f"{row['episodes_per_s']:.0f} ep/s" + (f" | gold {row['gold_win_rate']:.3f}" if "gold_win_rate" in row
+          f"{row['episodes_per_s']:.0f} ep/s (sample {row['sampling_s']:.1f} s, score {row['scoring_s']:.1f} s, "
+          f"train {row['training_s']:.1f} s)" + (f" | gold {row['gold_win_rate']:.3f}" if "gold_win_rate" in row
                                                  else ""))
     for s in row.get("samples", [])[:2]:
         print(f"    ref:{s['reference']}\n    ppo:{s['policy']}")
 
 
-def save_resume(path, policy, value, optimizer, gen, kl_ctl, meta):
-    """What --resume needs besides the policy and its optimizer: the value network, every process's sampling
-    generator (gathered, so every process calls this; rank 0 writes) and the adaptive beta."""
-    generators = distributed.gather([gen.get_state()])
-    extra = dict(generators=generators) if distributed.world_size() > 1 else {}
+def save_resume(path, policy, value, optimizer, kl_ctl, meta):
+    """What --resume needs besides the policy and its optimizer: the value network and the adaptive beta. (Sampling
+    needs no state: each episode's noise comes from its seed.)"""
     if distributed.is_main():
-        save_resume_state(path, policy, optimizer, value=value.state_dict(), generator=gen.get_state(),
-                          beta=kl_ctl.beta if kl_ctl else meta["args"].beta, **extra, **meta)
+        save_resume_state(path, policy, optimizer, value=value.state_dict(),
+                          beta=kl_ctl.beta if kl_ctl else meta["args"].beta, **meta)
 
 
-def resume(path, policy, value, optimizer, gen, kl_ctl, seed):
-    """Restore what save_resume wrote; returns the update to continue from. With another number of processes than
-    before, sampling restarts from fresh streams, distinct per process and update."""
+def resume(path, policy, value, optimizer, kl_ctl):
+    """Restore what save_resume wrote; returns the update to continue from."""
     state = load_resume_state(path, policy, optimizer, "ppo")
     value.load_state_dict(state["value"])
-    generators = state.get("generators", [state["generator"]])
-    rank = distributed.rank()
-    if len(generators) == distributed.world_size():
-        gen.set_state(generators[rank])
-    else:
-        gen.manual_seed(seed + rank + 1000 * state["step"])
     if kl_ctl:
         kl_ctl.beta = state["beta"]
     return state["step"]
+
+
+def sample_batch_size(args, policy, share, device, dtype):
+    """--sample-batch-size, or on a GPU as many episodes as half its free memory holds: each needs its KV cache
+    (2 x layers x (query + response) x width values) and about as much again for the prompt pass's activations. On a
+    CPU, the process's whole share of the rollout batch."""
+    if args.sample_batch_size:
+        return min(args.sample_batch_size, share)
+    if device.type != "cuda":
+        return share
+    task, cfg = data.TASKS[args.task], policy.config
+    per_episode = 2 * 2 * cfg.n_layer * (task["query_len"] + task["response_len"]) * cfg.n_embd * dtype.itemsize
+    return max(1, min(share, int(0.5 * torch.cuda.mem_get_info(device)[0] // per_episode)))
 
 
 def finish(policy, final, args, enc, out, update, t_start, device):
@@ -410,20 +472,27 @@ def main(argv=None):
     pad, eos = data.pad_id(enc), enc.eot_token
 
     policy, ref, value, rm = build_models(args, enc, device)
-    args.lr = args.lr or paper_lr("ppo", policy.num_params())
+    args.lr = args.lr or tldr_lr(policy.num_params())
     optimizer = configure_optimizers(torch.nn.ModuleList([policy, value]), args.lr, device_type=device.type)
     # Training forwards go through DDP under torchrun, which averages the gradients of policy and value.
     train_policy, train_value = distributed.wrap(policy, device), distributed.wrap(value, device)
+    if args.compile:
+        train_policy, train_value = torch.compile(train_policy), torch.compile(train_value)
     kl_ctl = AdaptiveKL(args.beta, args.target_kl, args.kl_horizon) if args.target_kl else None
     # prompts: the SFT training posts, reshuffled every pass; fixed validation posts for the periodic samples
     queries, valid_records = load_prompts(args, enc)
+    if len(queries) < args.rollout_batch_size:
+        raise data.DataError(f"{len(queries)} training posts make no rollout batch of --rollout-batch-size "
+                             f"{args.rollout_batch_size}")
     n_updates = args.episodes // args.rollout_batch_size
-    gen = torch.Generator(device=device).manual_seed(args.seed + distributed.rank())  # each process its own samples
-    update = resume(out / "ppo.resume.pt", policy, value, optimizer, gen, kl_ctl, args.seed) if args.resume else 0
+    share = args.rollout_batch_size // distributed.world_size()
+    args.sample_batch_size = sample_batch_size(args, policy, share, device, dtype)
+    update = resume(out / "ppo.resume.pt", policy, value, optimizer, kl_ctl) if args.resume else 0
     print(f"ppo: {args.task}, policy {policy.num_params():,} parameters, {n_updates} updates of "
           f"{args.rollout_batch_size} episodes, lr {args.lr:.2e}, beta {args.beta}"
           + (f" (adaptive, target KL {args.target_kl})" if kl_ctl else "") + f", {device} {dtype}"
-          + (f", {distributed.world_size()} processes" if distributed.world_size() > 1 else ""))
+          + (f", {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
+          + f"; sampling {args.sample_batch_size} episodes at a time")
 
     log = StepLog(out / "ppo.log.jsonl", resume_step=update if args.resume else None, key="update")
     t_start = time.time()
@@ -435,15 +504,20 @@ def main(argv=None):
     policy.train()
     value.train()
     while update < n_updates:
-        t0 = time.time()
         beta = kl_ctl.beta if kl_ctl else args.beta
         lr = args.lr * (1 - update / n_updates)  # linear decay to 0
         idx = data.batch_indices(len(queries), args.rollout_batch_size, update, args.seed)
-        mine = torch.as_tensor(queries[idx[distributed.shard(len(idx))]], device=device).long()  # this process's
-        parts, batch = rollout(policy, ref, value, rm, mine, beta, gen, args, pad, eos, device, dtype)
-        stats, first = ppo_update(train_policy, train_value, optimizer, parts, lr, update, args, dtype)
+        seeds = episode_seeds(args.seed, update, len(idx))
+        mine = my_episodes(len(idx), args.minibatch_size)  # the episodes this process samples
+        batch, seconds = rollout(policy, ref, value, rm, torch.as_tensor(queries[idx[mine]], device=device).long(),
+                                 [seeds[e] for e in mine], args, pad, eos, device, dtype)
+        batch = advantages(gather_episodes(batch, mine), beta, args)
+        t0 = time.time()
+        stats, first = ppo_update(train_policy, train_value, optimizer, batch, lr, update, args, pad, device, dtype)
+        seconds["training_s"] = time.time() - t0
         update += 1
-        row = update_row(update, batch, stats, first, beta, lr, args, time.time() - t0, time.time() - t_start)
+        row = update_row(update, batch, stats, first, beta, lr, args, seconds)
+        row["elapsed"] = time.time() - t_start
         if kl_ctl:
             kl_ctl.update(row["kl"], args.rollout_batch_size)
         if update % args.eval_every == 0 or update == n_updates:
@@ -454,7 +528,7 @@ def main(argv=None):
         if update % args.save_every == 0 and distributed.is_main():
             save_checkpoint(out / f"ppo_step{update}.pt", policy, **meta)
         if update % args.save_every == 0 or update == args.stop_after:
-            save_resume(out / "ppo.resume.pt", policy, value, optimizer, gen, kl_ctl, meta)
+            save_resume(out / "ppo.resume.pt", policy, value, optimizer, kl_ctl, meta)
         if update == args.stop_after and update < n_updates:
             print(f"ppo: stopped after update {update} (--stop-after); continue with --resume")
             return

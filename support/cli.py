@@ -24,14 +24,14 @@ def fill_task_defaults(args, defaults):
     args.data_dir = args.data_dir or data.TASKS[args.task]["data_dir"]
 
 
-def add_run_args(p, stage, compile=True):
-    """The flags every stage shares for the run itself: seed, device, precision, compile, resume."""
+def add_run_args(p, stage, compile="torch.compile the model"):
+    """The flags every stage shares for the run itself: seed, device, precision, compile (its help), resume."""
     p.add_argument("--seed", type=int, default=0, help="seed for initialization, data order and sampling")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype: auto = bf16 on GPUs that support it, fp32 otherwise")
     if compile:
-        p.add_argument("--compile", action="store_true", help="torch.compile the model")
+        p.add_argument("--compile", action="store_true", help=compile)
     p.add_argument("--resume", action="store_true", help=f"continue an interrupted run from <out>/{stage}.resume.pt")
     p.add_argument("--stop-after", type=int, help="stop after this many steps as if killed, leaving the resume "
                    "state (for time-sliced jobs, and the resume tests)")

@@ -77,6 +77,7 @@ def wrap(model, device):
 
 def no_sync(model, skip):
     """Around the forward of all micro-batches of a step but the last: their gradients add up locally, unsynced."""
+    model = getattr(model, "_orig_mod", model)  # the DDP module inside torch.compile's wrapper
     return model.no_sync() if skip and isinstance(model, DDP) else contextlib.nullcontext()
 
 

@@ -133,7 +133,6 @@ def test_ppo_on_two_processes_stops_resumes_and_writes_one_checkpoint(runs, rewa
     proc = run("ppo.py", *args, "--stop-after", "1", processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert pt_files(tmp_path) == ["ppo.resume.pt"]
-    assert len(load_checkpoint(tmp_path / "ppo.resume.pt")["generators"]) == 2  # each process's sampling stream
     proc = run("ppo.py", *args, "--resume", processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert pt_files(tmp_path) == ["ppo.pt"]
@@ -142,6 +141,16 @@ def test_ppo_on_two_processes_stops_resumes_and_writes_one_checkpoint(runs, rewa
     for row in log[1:]:
         assert row["first_minibatch_ratio_dev"] == 0.0 and row["episodes"] == 32 * row["update"]
     assert load_checkpoint(tmp_path / "ppo.pt", stage="ppo")["step"] == 2
+    # one process samples the same episodes (each from its own seed) and takes the same steps, up to float rounding
+    proc = run("ppo.py", *[tmp_path / "one" if a == tmp_path else a for a in args])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = [json.loads(line) for line in (tmp_path / "one" / "ppo.log.jsonl").read_text().splitlines()]
+    for row_1, row_2 in zip(one[1:], log[1:]):
+        for key in ("score", "kl", "length", "policy_loss", "value_loss", "entropy"):
+            assert row_2[key] == pytest.approx(row_1[key], rel=1e-4, abs=1e-6), key
+    w1 = load_checkpoint(tmp_path / "one" / "ppo.pt")["model"]
+    w2 = load_checkpoint(tmp_path / "ppo.pt")["model"]
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
 
 
 def flatten(tree, prefix=""):

@@ -89,6 +89,36 @@ def test_adaptive_kl_controller():
     assert ppo.AdaptiveKL(0.1, 6.0).update(6.0, 512) == pytest.approx(0.1)
 
 
+def test_micro_batch_losses_add_up_to_the_minibatch_token_mean():
+    # two micro-batches with different numbers of real tokens: each divides by the whole minibatch's count, so
+    # their sum is the token mean over the minibatch (not the mean of two per-micro-batch means)
+    torch.manual_seed(0)
+    logp, old, adv = torch.randn(4, 6), torch.randn(4, 6), torch.randn(4, 6)
+    mask = torch.tensor([[1.0] * 6, [1] * 2 + [0] * 4, [1] * 5 + [0], [1] + [0] * 5])
+    whole, _, _ = ppo.policy_loss(logp, old, adv, mask)
+    n = mask.sum().item()
+    parts = [ppo.policy_loss(logp[s], old[s], adv[s], mask[s], n=n)[0] for s in (slice(0, 1), slice(1, 4))]
+    torch.testing.assert_close(parts[0] + parts[1], whole)
+    per_part_mean = sum(ppo.policy_loss(logp[s], old[s], adv[s], mask[s])[0] for s in (slice(0, 1), slice(1, 4))) / 2
+    assert abs(per_part_mean - whole) > 1e-3  # the old way would have weighted the two parts' tokens unequally
+    v, ov, ret = torch.randn(4, 6), torch.randn(4, 6), torch.randn(4, 6)
+    torch.testing.assert_close(sum(ppo.value_loss(v[s], ov[s], ret[s], mask[s], n=n)[0]
+                                   for s in (slice(0, 3), slice(3, 4))), ppo.value_loss(v, ov, ret, mask)[0])
+
+
+def test_each_episode_has_its_own_seed_and_each_process_its_share_of_every_minibatch(monkeypatch):
+    seeds = ppo.episode_seeds(seed=0, update=3, n=8)
+    assert len(set(seeds)) == 8 and seeds[:4] == ppo.episode_seeds(0, 3, 4)  # an episode's seed: (seed, update, e)
+    assert not set(seeds) & set(ppo.episode_seeds(0, 4, 8)) and not set(seeds) & set(ppo.episode_seeds(1, 3, 8))
+    assert ppo.my_episodes(8, 4).tolist() == list(range(8))  # one process samples everything, in order
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        shares.append(ppo.my_episodes(8, 4).tolist())
+    assert shares == [[0, 1, 4, 5], [2, 3, 6, 7]]  # minibatches [0..3] and [4..7], half of each per process
+
+
 # --- the pipeline ---
 
 def run_ppo(stages, out, *extra):
@@ -172,3 +202,39 @@ def test_checkpoints_of_the_wrong_stage_are_refused(stages, tmp_path):
     with pytest.raises(ppo.CheckpointError, match="is a reward checkpoint, expected a sft checkpoint"):
         ppo.main(args + ["--sft", str(root / "out" / "reward.pt"), "--reward", str(root / "out" / "reward.pt")])
     assert not (tmp_path / "ppo.pt").exists()
+
+
+@pytest.mark.slow
+def test_micro_and_sample_batch_sizes_change_the_result_only_by_float_rounding(stages, tmp_path):
+    # Each episode samples from its own seed and every loss is a token mean over the whole minibatch, so splitting
+    # the work differently (4 or 8 episodes per forward; 5 or all 32 sampled at once) gives the same samples and
+    # the same steps. Before that, micro-batch 16 against 8 gave 0 of 16 equal samples on the same seed.
+    a = run_ppo(stages, tmp_path / "a", "--episodes", "64")
+    b = run_ppo(stages, tmp_path / "b", "--episodes", "64", "--micro-batch-size", "4", "--sample-batch-size", "5")
+    assert len(a) == len(b) == 3
+    for row_a, row_b in zip(a[1:], b[1:]):
+        for key in ("score", "kl", "length", "eos_fraction", "policy_loss", "value_loss", "entropy", "approx_kl"):
+            assert row_b[key] == pytest.approx(row_a[key], rel=1e-4, abs=1e-6), key
+        assert row_b["first_minibatch_ratio_dev"] == 0.0
+    assert a[2]["samples"] == b[2]["samples"]
+    wa = load_checkpoint(tmp_path / "a" / "ppo.pt")["model"]
+    wb = load_checkpoint(tmp_path / "b" / "ppo.pt")["model"]
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    assert any(not torch.equal(wa[k], v) for k, v in load_checkpoint(stages[0] / "out" / "sft.pt")["model"].items())
+
+
+@pytest.mark.slow
+def test_fewer_posts_than_a_rollout_batch_is_a_clear_error(stages, tmp_path):
+    with pytest.raises(data.DataError, match="960 training posts make no rollout batch of --rollout-batch-size 1024"):
+        run_ppo(stages, tmp_path, "--rollout-batch-size", "1024", "--episodes", "2048")
+    assert not (tmp_path / "ppo.pt").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--minibatch-size", "64"], "--minibatch-size 64 is larger than --rollout-batch-size 32"),
+    (["--sample-batch-size", "0"], "--sample-batch-size 0 must be at least 1"),
+])
+def test_batch_flags_that_cannot_work_are_refused(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        ppo.parse_args(["--task", "synth", "--rollout-batch-size", "32", "--minibatch-size", "16", *flags])
+    assert message in capsys.readouterr().err
