@@ -2,17 +2,29 @@
 Speed and memory of model.py, printed (not a test: timings on a shared machine are noisy, so compare the ratios
 measured in one run).
 
-For each shape (tiny: 4 layers x 128; 124m: GPT-2 small), each in a fresh process so its peak memory is its own:
-  train          tokens/s of a full AdamW step (forward, backward, update) and the achieved FLOP/s as a fraction of
-                 this machine's measured matmul peak (FLOPs per token: 6 * parameters + 12 * layers * seq * width,
-                 the PaLM appendix B count)
-  sample-cache   new tokens/s sampling batch 16 x prompt 256 -> 48 new tokens with the KV cache
-  sample-nocache the same, recomputing the whole sequence for every new token
+For each shape (tiny: 4 layers x 128; 124m, 355m, 774m, 1558m: GPT-2's presets), each case in a fresh process so its
+peak memory is its own:
+  train           tokens/s of a full AdamW step (forward, backward, update) and the achieved FLOP/s as a fraction of
+                  this machine's measured matmul peak (FLOPs per token: 6 * parameters + 12 * layers * seq * width,
+                  the PaLM appendix B count)
+  sample-cache    new tokens/s sampling --sample-batch x --prompt-len -> --new-tokens with the KV cache
+  sample-compile  the same through the static cache and torch.compile (CUDA graphs on a GPU); the first call, which
+                  compiles, is not timed
+  sample-nocache  the same, recomputing the whole sequence for every new token
+  sample-hf       the same with transformers' GPT2LMHeadModel.generate (sdpa attention), where transformers is installed
+  ppo             one PPO update at the tldr settings (512 episodes, prompts of 512 tokens, 48 sampled, 4 epochs) with
+                  random weights, through ppo.py's own rollout and update: episodes/s, the time split, peak memory and
+                  the FLOP/s of the whole update against the matmul peak (6 * parameters per token trained, 2 per
+                  token scored or sampled, the LM head on response tokens only; random weights rarely sample EOS,
+                  so every response is 48 tokens long)
 
-    python tools/bench.py              # both shapes, the 124m no-cache case takes ~8 minutes on 2 CPU cores
+    python tools/bench.py                  # tiny and 124m, train and sampling; ~10 minutes on 2 CPU cores
     python tools/bench.py --shapes tiny    # a quick look
+    python tools/bench.py --shapes 124m --cases sample-cache sample-compile sample-hf ppo --sample-batch 128 \
+        --prompt-len 512 --compile          # on a GPU: the issue's side-by-side figures (tools/gpu_check.sh)
 """
 import argparse
+import importlib.util
 import json
 import resource
 import subprocess
@@ -28,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import GPT, PRESETS, GPTConfig, autocast, configure_optimizers, pick_dtype  # noqa: E402
 from support.cli import pick_device  # noqa: E402
 
-SHAPES = {"tiny": dict(n_layer=4, n_head=4, n_embd=128), "124m": PRESETS["gpt2"]}
-TRAIN_BATCH = {"tiny": 16, "124m": 4}  # x 256 tokens
+SHAPES = {"tiny": dict(n_layer=4, n_head=4, n_embd=128), "124m": PRESETS["gpt2"], "355m": PRESETS["gpt2-medium"],
+          "774m": PRESETS["gpt2-large"], "1558m": PRESETS["gpt2-xl"]}
+CASES = ["train", "sample-cache", "sample-compile", "sample-nocache", "sample-hf", "ppo"]
 
 
 def sync(device):
@@ -57,8 +70,12 @@ def matmul_peak(device, dtype):
     return 2 * n**3 / best
 
 
+def train_batch(args):
+    return args.train_batch or (16 if args.shape == "tiny" else 4)
+
+
 def bench_train(model, args, device, dtype):
-    B, T = TRAIN_BATCH[args.shape], 256
+    B, T = train_batch(args), args.train_len
     opt = configure_optimizers(model, lr=1e-4, weight_decay=0.1, device_type=device.type, verbose=False)
     x = torch.randint(0, model.config.vocab_size, (B, T + 1), device=device)
     times = []
@@ -90,25 +107,80 @@ def sample_nocache(model, idx, n_new, temperature, generator):
     return idx
 
 
+def hf_model(cfg, device):
+    """transformers' GPT-2 of the same shape, random weights, sdpa attention: the baseline for sampling speed."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    hf_cfg = GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size)
+    return GPT2LMHeadModel(hf_cfg, attn_implementation="sdpa").to(device).eval()
+
+
 @torch.no_grad()
-def bench_sample(model, args, device, dtype, cached):
-    B, T, N = 16, 256, 48
-    idx = torch.randint(0, model.config.vocab_size, (B, T), device=device)
+def bench_sample(model, args, device, dtype, case):
+    B, T, N = args.sample_batch, args.prompt_len, args.new_tokens
+    idx = torch.randint(0, model.config.vocab_size - 1, (B, T), device=device)
     g = torch.Generator(device=device).manual_seed(0)
+    if case == "sample-hf":
+        hf = hf_model(model.config, device)
+        # min_new_tokens: every row samples all N tokens, as in the other cases; top_k 0: plain sampling, as ours
+        run = lambda: hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=True, top_k=0,  # noqa: E731
+                                  max_new_tokens=N, min_new_tokens=N, pad_token_id=0)
+    elif case == "sample-nocache":
+        run = lambda: sample_nocache(model, idx, N, 1.0, g)  # noqa: E731
+    else:  # EOS never stops it: every row samples all N tokens
+        run = lambda: model.generate(idx, max_new_tokens=N, temperature=1.0, generator=g,  # noqa: E731
+                                     compile=case == "sample-compile")
     best = float("inf")
-    for _ in range(1 if not cached else args.repeats):
+    for i in range(1 if case == "sample-nocache" else args.repeats + (case == "sample-compile")):
         sync(device)
         t = time.perf_counter()
         with autocast(device, dtype):
-            if cached:
-                # EOS never stops it: every row samples all 48 tokens, as in the no-cache loop
-                out = model.generate(idx, max_new_tokens=N, temperature=1.0, generator=g)
-            else:
-                out = sample_nocache(model, idx, N, 1.0, g)
+            out = run()
         sync(device)
-        best = min(best, time.perf_counter() - t)
+        if not (case == "sample-compile" and i == 0):  # the first compiled call compiles
+            best = min(best, time.perf_counter() - t)
     assert out.shape == (B, T + N)
     return dict(tokens_per_s=B * N / best)
+
+
+def bench_ppo(args, device, dtype):
+    """One PPO update of ppo.py at the tldr settings, random weights; a first update warms up (and compiles)."""
+    import tempfile
+
+    import ppo
+    task = ppo.data.TASKS["tldr"]
+    flags = ["--task", "tldr", "--out-dir", tempfile.mkdtemp(), "--micro-batch-size", str(args.micro_batch),
+             "--rollout-batch-size", str(args.ppo_batch), "--minibatch-size", str(min(64, args.ppo_batch))]
+    flags += (["--compile"] if args.compile else []) + (["--sample-batch-size", str(args.ppo_sample_batch)]
+                                                        if args.ppo_sample_batch else [])
+    pargs = ppo.parse_args(flags)
+    cfg = GPTConfig(**SHAPES[args.shape])
+    policy, ref = GPT(cfg).to(device), GPT(cfg).to(device).eval().requires_grad_(False)
+    value, rm = (GPT(GPTConfig(**SHAPES[args.shape], head="scalar")).to(device) for _ in range(2))
+    rm.eval().requires_grad_(False)
+    optimizer = configure_optimizers(torch.nn.ModuleList([policy, value]), 1e-6, device_type=device.type,
+                                     verbose=False)
+    train_policy, train_value = (torch.compile(m) if args.compile else m for m in (policy, value))
+    n, pad, eos = pargs.rollout_batch_size, cfg.vocab_size, cfg.vocab_size - 1
+    pargs.sample_batch_size = ppo.sample_batch_size(pargs, policy, n, device, dtype)
+    queries = torch.randint(0, cfg.vocab_size - 1, (n, task["query_len"]), device=device)
+    for update in range(2):
+        sync(device)
+        batch, seconds = ppo.rollout(policy, ref, value, rm, queries, ppo.episode_seeds(0, update, n), pargs, pad,
+                                     eos, device, dtype)
+        batch = ppo.advantages(batch, 0.05, pargs)
+        sync(device)
+        t = time.perf_counter()
+        ppo.ppo_update(train_policy, train_value, optimizer, batch, 1e-6, update, pargs, pad, device, dtype)
+        sync(device)
+        seconds["training_s"] = time.perf_counter() - t
+    # FLOPs per episode: 2 per parameter per token forward, 6 forward and backward. The language-model head only
+    # runs on the response's positions; the scalar models have none.
+    T, R = task["query_len"] + task["response_len"], task["response_len"]
+    head = policy.lm_head.weight.numel()
+    lm, scalar = 2 * ((policy.num_params() - head) * T + head * R), 2 * (policy.num_params() - head) * T
+    flops = n * (3 * lm + 2 * scalar + 3 * pargs.ppo_epochs * (lm + scalar))  # sample; score with 4; train 2
+    total = sum(seconds.values())
+    return dict(episodes_per_s=n / total, flops=flops / total, sample_batch=pargs.sample_batch_size, **seconds)
 
 
 def run_case(args):
@@ -116,29 +188,48 @@ def run_case(args):
     torch.manual_seed(0)
     device = pick_device(args.device)
     dtype = pick_dtype(device, args.dtype)
-    model = GPT(GPTConfig(**SHAPES[args.shape])).to(device)
-    if args.compile:
-        model = torch.compile(model)
-    if args.case == "train":
-        out = bench_train(model.train(), args, device, dtype)
+    if args.case == "ppo":
+        out = bench_ppo(args, device, dtype)
     else:
-        out = bench_sample(model.eval(), args, device, dtype, cached=args.case == "sample-cache")
+        model = GPT(GPTConfig(**SHAPES[args.shape])).to(device)
+        if args.case == "train":
+            out = bench_train((torch.compile(model) if args.compile else model).train(), args, device, dtype)
+        else:
+            out = bench_sample(model.eval(), args, device, dtype, args.case)
     out["peak_mb"] = peak_memory_mb(device)
     print(json.dumps(out))
+
+
+def settings(case, shape, args):
+    if case == "train":
+        return f"batch {train_batch(argparse.Namespace(**{**vars(args), 'shape': shape}))} x {args.train_len}, AdamW"
+    if case == "ppo":
+        return f"tldr: {args.ppo_batch} episodes, prompts 512, +48, 4 epochs, micro-batch {args.micro_batch}"
+    return f"batch {args.sample_batch}, prompt {args.prompt_len}, +{args.new_tokens}"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["tiny", "124m"], choices=list(SHAPES), help="model shapes")
-    parser.add_argument("--cases", nargs="+", default=["train", "sample-cache", "sample-nocache"],
-                        choices=["train", "sample-cache", "sample-nocache"], help="what to measure")
+    parser.add_argument("--cases", nargs="+", default=["train", "sample-cache", "sample-nocache"], choices=CASES,
+                        help="what to measure")
     parser.add_argument("--steps", type=int, default=4, help="timed training steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
+    parser.add_argument("--train-batch", type=int, help="training sequences per step (default: 16 tiny, 4 otherwise)")
+    parser.add_argument("--train-len", type=int, default=256, help="tokens per training sequence")
+    parser.add_argument("--sample-batch", type=int, default=16, help="sequences sampled at once")
+    parser.add_argument("--prompt-len", type=int, default=256, help="prompt tokens before sampling")
+    parser.add_argument("--new-tokens", type=int, default=48, help="tokens sampled after the prompt")
     parser.add_argument("--repeats", type=int, default=2, help="cached sampling runs (the best is reported)")
+    parser.add_argument("--ppo-batch", type=int, default=512, help="ppo: episodes per update (the paper's 512; "
+                        "fewer for a quick look on a CPU)")
+    parser.add_argument("--micro-batch", type=int, default=16, help="ppo: ppo.py's --micro-batch-size")
+    parser.add_argument("--ppo-sample-batch", type=int, help="ppo: ppo.py's --sample-batch-size (default: its own)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="autocast dtype; auto = bf16 on GPUs that support it, fp32 otherwise")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training step (train) and "
+                        "ppo.py's --compile (ppo); sample-compile always compiles")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     parser.add_argument("--shape", help=argparse.SUPPRESS)
@@ -154,31 +245,44 @@ def main():
     print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     print(f"matmul peak (4096^3, {str(dtype).removeprefix('torch.')}): {peak / 1e9:.1f} GFLOP/s\n")
-    print(f"{'shape':<6} {'case':<15} {'tokens/s':>10} {'of peak':>8} {'peak MB':>9}   settings")
+    print(f"{'shape':<6} {'case':<15} {'rate':>16} {'of peak':>8} {'peak MB':>9}   settings")
     results = {}
+    passed = [a for a in sys.argv[1:]]
     for shape in args.shapes:
         for case in args.cases:
-            cmd = [sys.executable, __file__, "--case", case, "--shape", shape, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--device", args.device,
-                   "--dtype", args.dtype, "--threads", str(args.threads)] + (["--compile"] if args.compile else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if case == "sample-hf" and importlib.util.find_spec("transformers") is None:
+                print(f"{shape:<6} {case:<15} {'skipped: transformers is not installed':>16}")
+                continue
+            proc = subprocess.run([sys.executable, __file__, *passed, "--case", case, "--shape", shape],
+                                  capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"{shape} {case} failed:\n{proc.stderr}")
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             results[(shape, case)] = r
             frac = f"{r['flops'] / peak:.0%}" if "flops" in r else ""
-            settings = f"batch {TRAIN_BATCH[shape]} x 256, AdamW" if case == "train" else "batch 16, prompt 256, +48"
-            print(f"{shape:<6} {case:<15} {r['tokens_per_s']:>10.1f} {frac:>8} {r['peak_mb']:>9.0f}   {settings}",
+            rate = (f"{r['episodes_per_s']:.1f} episodes/s" if case == "ppo" else f"{r['tokens_per_s']:.1f} tokens/s")
+            print(f"{shape:<6} {case:<15} {rate:>16} {frac:>8} {r['peak_mb']:>9.0f}   {settings(case, shape, args)}",
                   flush=True)
+            if case == "ppo":
+                print(f"{'':<22} sampling {r['sampling_s']:.1f} s ({r['sample_batch']} at a time), scoring "
+                      f"{r['scoring_s']:.1f} s, training {r['training_s']:.1f} s")
     print()
     for shape in args.shapes:
-        if (shape, "sample-cache") in results and (shape, "sample-nocache") in results:
-            cache, nocache = results[(shape, "sample-cache")], results[(shape, "sample-nocache")]
-            ratio = cache["tokens_per_s"] / nocache["tokens_per_s"]
-            print(f"{shape}: KV cache speed-up {ratio:.1f}x (target >= 5x)")
+        speed = {case: r["tokens_per_s"] for (s, case), r in results.items() if s == shape and "tokens_per_s" in r}
+        if "sample-cache" in speed and "sample-nocache" in speed:
+            print(f"{shape}: KV cache speed-up {speed['sample-cache'] / speed['sample-nocache']:.1f}x (target >= 5x)")
+        for ours in ("sample-cache", "sample-compile"):
+            if ours in speed and "sample-hf" in speed:
+                print(f"{shape}: {ours} against transformers' generate {speed[ours] / speed['sample-hf']:.2f}x"
+                      + (" (target >= 3x on a GPU at 124m, batch 128, prompt 512)" if ours == "sample-compile"
+                         else ""))
         if (shape, "train") in results:
             print(f"{shape}: training step at {results[(shape, 'train')]['flops'] / peak:.0%} of the matmul peak"
-                  + (" (target >= 60% at 124m)" if shape == "124m" else ""))
+                  + (" (target >= 50% on a GPU at 124m)" if shape == "124m" else ""))
+        if (shape, "ppo") in results:
+            r = results[(shape, "ppo")]
+            print(f"{shape}: PPO {r['episodes_per_s']:.1f} episodes/s, 1M episodes in "
+                  f"{1e6 / r['episodes_per_s'] / 3600:.1f} h (target >= 100 episodes/s on a GPU at 124m)")
 
 
 if __name__ == "__main__":
