@@ -165,6 +165,27 @@ def test_truncation_without_newline_drops_characters(gpt2):
         data.format_query(dict(rec, title="long " * 100), gpt2, 64)
 
 
+def test_a_long_line_is_cut_in_a_few_encodes(gpt2):
+    # A 100k-character post without newlines once took 19 minutes: one encode per dropped character. The cut is
+    # bisected now: the same place (the longest prefix that fits) in a few dozen encodes.
+    class Counting:
+        def __init__(self, enc):
+            self.enc, self.calls = enc, 0
+
+        def encode_ordinary(self, text):
+            self.calls += 1
+            return self.enc.encode_ordinary(text)
+
+    rec = dict(subreddit="x", title="t", post=" ".join(f"word{i % 97}" for i in range(20_000)))  # ~140k characters
+    enc = Counting(gpt2)
+    query = data.format_query(rec, enc, 512)
+    assert enc.calls < 60
+    kept = query[query.index("POST: ") + 6:-len("\n\nTL;DR:")]
+    assert len(gpt2.encode_ordinary(query)) <= 512 and rec["post"].startswith(kept)
+    one_more = data.format_query(dict(rec, post=rec["post"][:len(kept) + 1]), gpt2, 10**9)
+    assert len(gpt2.encode_ordinary(one_more)) > 512
+
+
 def test_gpt2_tokenizer(gpt2):
     assert gpt2.name == "r50k_base" and gpt2.n_vocab == 50257 and gpt2.eot_token == 50256
     assert data.pad_id(gpt2) == 50257 and data.get_tokenizer(data.TASKS["tldr"]["tokenizer"]) is gpt2
@@ -385,3 +406,18 @@ def test_batch_indices_cover_each_epoch_once_and_refuse_a_batch_larger_than_the_
     for n, size in ((5, 8), (5, 0)):
         with pytest.raises(data.DataError, match=f"{n} examples make no batch of {size}"):
             data.batch_indices(n, size, 0, seed=0)
+
+
+def test_bad_records_are_named_by_file_and_line(tmp_path):
+    post = dict(id="a", subreddit="r/x", title="t", post="A post.", summary="A summary.")
+    (tmp_path / "train.jsonl").write_text(json.dumps(post) + "\n" + json.dumps(dict(post, summary=" ")) + "\n")
+    with pytest.raises(data.DataError, match="train.jsonl:2: empty summary"):  # nothing to learn from
+        data.read_tldr(tmp_path / "train.jsonl")
+    comparison = dict(info=dict(id="a", subreddit="x", title="t", post="A post."), split="train", worker="w",
+                      batch="b", summaries=[dict(text=" one", policy="p"), dict(text=" two", policy="q")], choice=True)
+    (tmp_path / "c.json").write_text(json.dumps(comparison) + "\n")
+    with pytest.raises(data.DataError, match="c.json:1: field 'choice' should be int, got bool"):  # not read as 1
+        data.read_comparisons(tmp_path / "c.json")
+    (tmp_path / "valid.jsonl").write_text("")
+    with pytest.raises(data.DataError, match="valid.jsonl holds no records"):
+        data.load_split("synth", "valid", tmp_path)
