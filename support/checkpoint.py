@@ -54,6 +54,14 @@ def load_checkpoint(path, stage=None, task=None, tokenizer=None, map_location="c
         raise CheckpointError(f"{path}: no such file (expected {what})")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
         raise CheckpointError(f"{path}: not a readable checkpoint (not a torch.save archive); expected {what}")
+    with zipfile.ZipFile(path) as z:  # torch.load does not check the CRCs: a damaged tensor would load silently
+        try:
+            damaged = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            damaged = f"? ({e})"
+    if damaged:
+        raise CheckpointError(f"{path}: damaged after it was written ({damaged} fails its checksum); restore it or "
+                              f"run the stage again")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -79,10 +87,23 @@ def save_resume_state(path, model, optimizer, *, stage, task, tokenizer, args, s
                     optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), **extra)
 
 
-def load_resume_state(path, model, optimizer, stage):
+# Flags that change how a run is carried out but not what it computes: a resume may change them. Any other
+# difference (seed, learning rate, batch sizes, model shape, ...) would silently splice two different runs.
+RESUMABLE_CHANGES = {"resume", "stop_after", "device", "dtype", "compile", "out_dir", "cache_dir", "data_dir",
+                     "micro_batch_size", "sample_batch_size", "eval_every", "save_every", "eval_n", "sample_n", "sft",
+                     "reward", "model", "comparisons", "collect"}
+
+
+def load_resume_state(path, model, optimizer, stage, args=None):
     """Restore the weights, the optimizer and the torch RNG saved by save_resume_state; returns the checkpoint (its
-    step and extras)."""
+    step and extras). args: the resuming run's flags, refused when they differ from the saved run's."""
     state = load_checkpoint(path, stage=stage)
+    saved, now = state.get("args") or {}, plain(args or {})
+    changed = [k for k in sorted(saved.keys() & now.keys()) if k not in RESUMABLE_CHANGES and saved[k] != now[k]]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {now[k]} (saved: {saved[k]})" for k in changed)
+        raise CheckpointError(f"{path}: cannot resume with other settings: {flags}. Resume with the saved ones, "
+                              f"or start anew without --resume")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
@@ -108,3 +129,13 @@ def model_from_checkpoint(ckpt, head=None):
         raise CheckpointError(f"{ckpt['stage']} checkpoint does not fit its config: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
     return model
+
+
+def stop_if_not_finite(loss, where, resume_path):
+    """Raise FloatingPointError before a non-finite loss reaches the weights: the run stops and every file already
+    written (the last resume state, earlier checkpoints) stays as it was. where: "step 12", "update 4"."""
+    if torch.isfinite(torch.as_tensor(loss)).all():
+        return
+    kept = (f"the last resume state {resume_path} is kept (fix the cause, e.g. a lower --lr, then --resume)"
+            if Path(resume_path).exists() else "no resume state had been written yet")
+    raise FloatingPointError(f"{where}: the loss is {float(loss)}; stopping before it reaches the weights; {kept}")

@@ -1,6 +1,7 @@
 """The one atomic file writer and the one resumable downloader of the project."""
 import contextlib
 import os
+import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -11,7 +12,9 @@ from tqdm import tqdm
 @contextlib.contextmanager
 def atomic_open(path, mode="w", **kwargs):
     """Open path.tmp for writing and, when the block ends without an error, replace path with it in one step: a run
-    killed mid-write leaves the previous file whole under the real name. Text is written with "\\n" line ends."""
+    killed mid-write leaves the previous file whole under the real name. The data and the rename are synced to disk
+    first (a power cut must not leave a renamed but empty file). A failed write (a full disk) removes the .tmp and
+    says which file failed and that the previous one is intact. Text is written with "\\n" line ends."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -21,10 +24,30 @@ def atomic_open(path, mode="w", **kwargs):
     try:
         with open(tmp, mode, **kwargs) as f:
             yield f
-    except BaseException:
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        # torch.save reports a full disk as a RuntimeError from its zip writer ("inline_container ... unexpected pos")
+        if isinstance(e, OSError) or "inline_container" in str(e) or "PytorchStreamWriter" in str(e):
+            kept = "the previous file is intact" if path.exists() else "no earlier file existed"
+            raise OSError(f"could not write {path} ({e}); {kept}. Is the disk full? "
+                          f"({shutil.disk_usage(path.parent).free / 2**20:.0f} MB free)") from e
         raise
     os.replace(tmp, path)
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder):
+    """Make a rename in folder durable (POSIX: fsync the directory; Windows cannot open one, nor needs to)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path, content):

@@ -1,11 +1,16 @@
 """support/: the Hugging Face layout in and out, checkpoint files, the atomic writer."""
+import argparse
+import errno
+import os
 import time
+import zipfile
 
 import pytest
 import torch
 
 from support import hf
-from support.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from support.checkpoint import (CheckpointError, load_checkpoint, load_resume_state, model_from_checkpoint,
+                                save_checkpoint, save_resume_state)
 from support.files import atomic_open
 from test_model import left_pad, tiny_model
 
@@ -129,3 +134,45 @@ def test_a_write_that_fails_midway_leaves_the_previous_file_whole(tmp_path):
             f.write("half of the second")
             raise RuntimeError("killed")
     assert path.read_text() == "first\n" and sorted(p.name for p in path.parent.iterdir()) == ["file.txt"]
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "sft.pt"
+    save_checkpoint(path, tiny_model(), stage="sft", task="synth", tokenizer="x")
+    before = path.read_bytes()
+
+    def no_space(fd):  # the disk fills while the new checkpoint is flushed
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OSError, match=f"could not write {path} .*No space left on device.*the previous file is intact"):
+        save_checkpoint(path, tiny_model(seed=1), stage="sft", task="synth", tokenizer="x")
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["sft.pt"]
+
+
+def test_a_checkpoint_damaged_on_disk_is_refused(tmp_path):
+    # 64 flipped bytes inside a tensor's record: torch.load would read them as numbers; the zip's CRC catches them
+    path = tmp_path / "sft.pt"
+    save_checkpoint(path, tiny_model(), stage="sft", task="synth", tokenizer="x")
+    with zipfile.ZipFile(path) as z:
+        record = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size > 1000)
+    raw = bytearray(path.read_bytes())
+    start = record.header_offset + 30 + len(record.filename) + 100  # inside the stored (uncompressed) bytes
+    raw[start:start + 64] = bytes(b ^ 0xFF for b in raw[start:start + 64])
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=f"{path}: damaged after it was written .* fails its checksum"):
+        load_checkpoint(path)
+
+
+def test_a_resume_with_other_settings_is_refused_by_flag(tmp_path):
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    saved = argparse.Namespace(seed=0, lr=1e-3, n_layer=2, micro_batch_size=8, device="cpu")
+    save_resume_state(tmp_path / "sft.resume.pt", model, optimizer, stage="sft", task="synth", tokenizer="x",
+                      args=saved, step=7)
+    other = argparse.Namespace(**{**vars(saved), "micro_batch_size": 4, "device": "cuda"})  # how, not what: allowed
+    assert load_resume_state(tmp_path / "sft.resume.pt", model, optimizer, "sft", other)["step"] == 7
+    other = argparse.Namespace(**{**vars(saved), "seed": 1, "lr": 2e-3})
+    with pytest.raises(CheckpointError, match="cannot resume with other settings: --lr 0.002 \\(saved: 0.001\\), "
+                                              "--seed 1 \\(saved: 0\\)"):
+        load_resume_state(tmp_path / "sft.resume.pt", model, optimizer, "sft", other)
