@@ -47,7 +47,7 @@ import synth
 from model import autocast, pick_dtype, response_logprobs, trim_padding
 from support import distributed
 from support.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from support.cli import add_task_args, fill_task_defaults
+from support.cli import add_task_args, fill_task_defaults, positive_int
 from support.files import atomic_write
 from support.http_judge import HTTPJudge, JudgeError, add_http_args
 
@@ -71,13 +71,13 @@ def parse_args(argv=None):
     p.add_argument("--data", default="test", choices=["test", "valid", "transfer", "cnndm"],
                    help="posts to summarize: a split, or transfer (tldr: CNN/DM articles, also called cnndm; "
                    "synth: the held-out subreddit)")
-    p.add_argument("--n-posts", type=int, help="posts to summarize (synth: 500, tldr: 1000)")
-    p.add_argument("--batch-size", type=int, help="sequences per forward pass (synth: 128, tldr: 16)")
+    p.add_argument("--n-posts", type=positive_int, help="posts to summarize (synth: 500, tldr: 1000)")
+    p.add_argument("--batch-size", type=positive_int, help="sequences per forward pass (synth: 128, tldr: 16)")
     p.add_argument("--kl-temperature", type=float, default=0.7, help="sampling temperature of the KL estimate")
     p.add_argument("--sweep", nargs="*", default=[], help="checkpoints of one run or of several betas, for the "
                    "preference-against-KL curve (e.g. out/synth/ppo_step*.pt)")
     p.add_argument("--max-n", type=int, help="best-of-N for N = 1, 2, 4, ... up to this (0: skip; synth 32)")
-    p.add_argument("--bon-posts", type=int, help="posts for best-of-N (synth: 250, tldr: 256)")
+    p.add_argument("--bon-posts", type=positive_int, help="posts for best-of-N (synth: 250, tldr: 256)")
     p.add_argument("--bon-temperature", type=float, default=0.7, help="temperature of the best-of-N samples")
     p.add_argument("--comparisons", nargs="*", help="held-out comparisons for the RM analysis (default synth: "
                    "<out>/comparisons/synth_valid.json; tldr: the valid splits of <data>/comparisons/*.json)")

@@ -39,8 +39,8 @@ from model import (autocast, configure_optimizers, optimizer_step, paper_lr, pic
                    reward_at_eos, row_noise, trim_padding)
 from support import distributed
 from support.checkpoint import (CheckpointError, load_checkpoint, load_resume_state, model_from_checkpoint,
-                                save_checkpoint, save_resume_state)
-from support.cli import add_run_args, add_task_args, fill_task_defaults
+                                save_checkpoint, save_resume_state, stop_if_not_finite)
+from support.cli import add_run_args, add_task_args, fill_task_defaults, positive_int
 from support.steplog import StepLog
 
 # tldr follows the paper and Huang et al. (2024): 512 episodes per update, 4 epochs, ~1M episodes, lr by model size.
@@ -146,22 +146,22 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.05, help="KL penalty coefficient (the paper: 0.05)")
     p.add_argument("--target-kl", type=float, help="adapt beta so the KL per response tracks this many nats "
                    "(Ziegler et al. 2019); off by default: beta stays fixed")
-    p.add_argument("--kl-horizon", type=int, default=10_000, help="episodes over which the adaptive beta can move")
+    p.add_argument("--kl-horizon", type=positive_int, default=10_000, help="episodes over which the adaptive beta can move")
     p.add_argument("--no-eos-score", type=float, default=-1.0, help="the score of a response without EOS")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, used in every log-prob "
                    "forward too")
     # PPO
-    p.add_argument("--episodes", type=int, help="responses sampled in all (tldr: 1M, the paper's; synth: 3,200)")
-    p.add_argument("--rollout-batch-size", type=int, help="responses per update, over all processes under torchrun "
+    p.add_argument("--episodes", type=positive_int, help="responses sampled in all (tldr: 1M, the paper's; synth: 3,200)")
+    p.add_argument("--rollout-batch-size", type=positive_int, help="responses per update, over all processes under torchrun "
                    "(tldr: 512)")
-    p.add_argument("--minibatch-size", type=int, help="responses per optimizer step within an update, over all "
+    p.add_argument("--minibatch-size", type=positive_int, help="responses per optimizer step within an update, over all "
                    "processes")
-    p.add_argument("--micro-batch-size", type=int, help="responses per forward pass in each process (scoring, "
+    p.add_argument("--micro-batch-size", type=positive_int, help="responses per forward pass in each process (scoring, "
                    "training): lower it to fit memory; it changes the result only by float rounding")
-    p.add_argument("--sample-batch-size", type=int, help="responses sampled at once in each process (default: on a "
+    p.add_argument("--sample-batch-size", type=positive_int, help="responses sampled at once in each process (default: on a "
                    "GPU as many as half its free memory holds, on a CPU the process's whole share of the rollout "
                    "batch); it changes the result only by float rounding")
-    p.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout batch")
+    p.add_argument("--ppo-epochs", type=positive_int, default=4, help="passes over each rollout batch")
     p.add_argument("--lr", type=float, help="peak learning rate, decayed linearly to 0. tldr default: the paper's "
                    "PPO rates (1.5e-5 at 1.3B, 7e-6 at 6.7B) along their power law, but never above 1.5e-5 (so "
                    "1.5e-5 for every GPT-2 up to 1.3B; see tldr_lr); synth: 3e-5")
@@ -172,9 +172,9 @@ def parse_args(argv=None):
     p.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     # evaluation, checkpoints
-    p.add_argument("--eval-every", type=int, help="updates between temperature-0 samples of fixed validation posts")
-    p.add_argument("--eval-n", type=int, help="validation posts summarized then (synth: judged by the gold labeler)")
-    p.add_argument("--save-every", type=int, help="updates between ppo_step<N>.pt checkpoints (and the resume state)")
+    p.add_argument("--eval-every", type=positive_int, help="updates between temperature-0 samples of fixed validation posts")
+    p.add_argument("--eval-n", type=positive_int, help="validation posts summarized then (synth: judged by the gold labeler)")
+    p.add_argument("--save-every", type=positive_int, help="updates between ppo_step<N>.pt checkpoints (and the resume state)")
     add_run_args(p, "ppo", compile="torch.compile the policy's one-token sampling step (a static KV cache, run as a "
                  "CUDA graph on a GPU; queries then keep their full padded length so every batch has one shape) and "
                  "the training forwards of policy and value: faster on GPUs after a minute or two of compiling")
@@ -201,8 +201,6 @@ def parse_args(argv=None):
                                 args.micro_batch_size)
     if args.minibatch_size > args.rollout_batch_size:
         p.error(f"--minibatch-size {args.minibatch_size} is larger than --rollout-batch-size {args.rollout_batch_size}")
-    if args.sample_batch_size is not None and args.sample_batch_size < 1:
-        p.error(f"--sample-batch-size {args.sample_batch_size} must be at least 1")
     return args
 
 
@@ -339,9 +337,7 @@ def ppo_update(train_policy, train_value, optimizer, batch, lr, update, args, pa
                 pg, clipfrac, approx_kl = policy_loss(new_logp, ep["logp"], ep["advantages"], m, args.clip, n_tokens)
                 vf, vf_clipfrac = value_loss(vpred, ep["values"], ep["returns"], m, args.clip_value, n_tokens)
                 loss = pg + args.vf_coef * vf
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"update {update + 1}: the loss is {loss.item()}; stopping. The last "
-                                             f"good checkpoints are kept in {Path(args.out_dir)}")
+                stop_if_not_finite(loss.detach(), f"update {update + 1}", Path(args.out_dir) / "ppo.resume.pt")
                 (loss * world).backward()  # DDP divides the processes' summed gradients by their number
                 if first is None:
                     first = [(new_logp - ep["logp"]).abs().max().exp().item() - 1,
@@ -369,12 +365,14 @@ def load_prompts(args, enc):
     return queries, data.load_split(args.task, "valid", args.data_dir)[:args.eval_n]
 
 
-def evaluate_policy(policy, records, enc, args, device, dtype):
+def evaluate_policy(policy, records, enc, args, device, dtype, desc=None):
     """Temperature-0 summaries of the fixed validation posts; for synth the gold preference over references. Under
     torchrun each process summarizes its shard of the posts and every process gets all the summaries."""
     policy.eval()
     mine = records[distributed.shard(len(records))]
-    texts = distributed.gather(data.summarize(policy, mine, enc, args.task, 0.0, args.micro_batch_size, device, dtype))
+    desc = desc if distributed.is_main() else None  # a progress bar
+    texts = distributed.gather(data.summarize(policy, mine, enc, args.task, 0.0, args.micro_batch_size, device, dtype,
+                                              desc=desc))
     policy.train()
     row = dict(samples=[dict(reference=data.as_response(r["summary"]), policy=t) for r, t in zip(records[:3], texts)])
     if args.task == "synth":
@@ -417,9 +415,9 @@ def save_resume(path, policy, value, optimizer, kl_ctl, meta):
                           beta=kl_ctl.beta if kl_ctl else meta["args"].beta, **meta)
 
 
-def resume(path, policy, value, optimizer, kl_ctl):
-    """Restore what save_resume wrote; returns the update to continue from."""
-    state = load_resume_state(path, policy, optimizer, "ppo")
+def resume(path, policy, value, optimizer, kl_ctl, args):
+    """Restore what save_resume wrote (refused if the flags changed); returns the update to continue from."""
+    state = load_resume_state(path, policy, optimizer, "ppo", args)
     value.load_state_dict(state["value"])
     if kl_ctl:
         kl_ctl.beta = state["beta"]
@@ -487,7 +485,7 @@ def main(argv=None):
     n_updates = args.episodes // args.rollout_batch_size
     share = args.rollout_batch_size // distributed.world_size()
     args.sample_batch_size = sample_batch_size(args, policy, share, device, dtype)
-    update = resume(out / "ppo.resume.pt", policy, value, optimizer, kl_ctl) if args.resume else 0
+    update = resume(out / "ppo.resume.pt", policy, value, optimizer, kl_ctl, args) if args.resume else 0
     print(f"ppo: {args.task}, policy {policy.num_params():,} parameters, {n_updates} updates of "
           f"{args.rollout_batch_size} episodes, lr {args.lr:.2e}, beta {args.beta}"
           + (f" (adaptive, target KL {args.target_kl})" if kl_ctl else "") + f", {device} {dtype}"
@@ -534,7 +532,7 @@ def main(argv=None):
             return
     log.close()
 
-    final = evaluate_policy(policy, valid_records, enc, args, device, dtype)
+    final = evaluate_policy(policy, valid_records, enc, args, device, dtype, desc="ppo: final validation summaries")
     if distributed.is_main():  # the metrics and files are rank 0's
         finish(policy, final, args, enc, out, update, t_start, device)
 

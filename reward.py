@@ -13,6 +13,7 @@ Writes <out>/reward.pt, <out>/reward.json (accuracy overall, per split, batch, c
 each with its standard error) and <out>/reward.log.jsonl; for synth also <out>/comparisons/synth_{train,valid}.json.
 """
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -30,8 +31,9 @@ from model import (autocast, configure_optimizers, cosine_lr, optimizer_step, pa
                    trim_padding)
 from support import distributed
 from support.checkpoint import (CheckpointError, load_checkpoint, load_resume_state, model_from_checkpoint,
-                                save_checkpoint, save_resume_state)
-from support.cli import add_run_args, add_task_args, fill_task_defaults
+                                save_checkpoint, save_resume_state, stop_if_not_finite)
+from support.cli import add_run_args, add_task_args, fill_task_defaults, positive_int
+from support.files import atomic_write
 from support.steplog import StepLog
 
 DEFAULTS = {
@@ -50,17 +52,17 @@ def parse_args(argv=None):
                    "synth: <out>/comparisons/synth_*.json, collected first when missing)")
     # synthetic collection (the paper's step 1, with simulated labelers)
     p.add_argument("--collect", action="store_true", help="synth: collect new comparisons even if files exist")
-    p.add_argument("--train-posts", type=int, default=10000, help="synth: training posts, one comparison each")
-    p.add_argument("--valid-posts", type=int, default=1000, help="synth: held-out validation posts, one each")
-    p.add_argument("--samples", type=int, default=2, help="synth: SFT samples per post to pair with each other")
+    p.add_argument("--train-posts", type=positive_int, default=10000, help="synth: training posts, one comparison each")
+    p.add_argument("--valid-posts", type=positive_int, default=1000, help="synth: held-out validation posts, one each")
+    p.add_argument("--samples", type=positive_int, default=2, help="synth: SFT samples per post to pair with each other")
     p.add_argument("--temperature", type=float, default=1.0, help="synth: sampling temperature of those samples "
                    "(variety: at 0 both samples would be the same)")
     p.add_argument("--ref-fraction", type=float, default=0.25, help="synth: fraction of pairs with the reference")
-    p.add_argument("--labelers", type=int, default=10, help="synth: simulated labelers")
+    p.add_argument("--labelers", type=positive_int, default=10, help="synth: simulated labelers")
     # optimization
-    p.add_argument("--batch-size", type=int, help="comparisons per optimizer step, over all processes under torchrun "
+    p.add_argument("--batch-size", type=positive_int, help="comparisons per optimizer step, over all processes under torchrun "
                    "(the paper: 64)")
-    p.add_argument("--micro-batch-size", type=int, help="comparisons per forward/backward in each process (lower it "
+    p.add_argument("--micro-batch-size", type=positive_int, help="comparisons per forward/backward in each process (lower it "
                    "to fit memory)")
     p.add_argument("--lr", type=float, help="peak learning rate. tldr default: the paper's RM rates (1.5e-5 at "
                    "1.3B, 5e-6 at 6.7B) extrapolated by their power law to the model size (7.2e-5 for 124M, 1.4e-5 "
@@ -71,10 +73,10 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on 2-D weights")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     # evaluation, normalization and logging
-    p.add_argument("--eval-every", type=int, help="steps between held-out accuracies on --val-size comparisons")
-    p.add_argument("--val-size", type=int, help="held-out comparisons for the accuracy logged during training")
-    p.add_argument("--norm-n", type=int, help="training posts whose reference summaries set the bias (mean 0)")
-    p.add_argument("--save-every", type=int, help="steps between resumable checkpoints (<out>/reward.resume.pt)")
+    p.add_argument("--eval-every", type=positive_int, help="steps between held-out accuracies on --val-size comparisons")
+    p.add_argument("--val-size", type=positive_int, help="held-out comparisons for the accuracy logged during training")
+    p.add_argument("--norm-n", type=positive_int, help="training posts whose reference summaries set the bias (mean 0)")
+    p.add_argument("--save-every", type=positive_int, help="steps between resumable checkpoints (<out>/reward.resume.pt)")
     add_run_args(p, "reward")
     args = p.parse_args(argv)
     fill_task_defaults(args, DEFAULTS)
@@ -161,7 +163,7 @@ def load_comparisons(args, enc, sft_ckpt, device, dtype):
         folder = Path(args.out_dir) / "comparisons"
         files = [folder / "synth_train.json", folder / "synth_valid.json"]
         # Under torchrun rank 0 collects alone (sampling and labeling stay those of one process); the others wait.
-        if distributed.is_main() and (args.collect or not all(f.exists() for f in files)):
+        if distributed.is_main() and (args.collect or stale_comparisons(folder, files, collection_key(args, sft_ckpt))):
             collect_synth(args, enc, sft_ckpt, files, device, dtype)
         distributed.barrier()
     records = data.read_comparisons(files)
@@ -171,6 +173,30 @@ def load_comparisons(args, enc, sft_ckpt, device, dtype):
     if args.task == "tldr" and any(synthetic):
         raise data.DataError(f"{files}: comparisons of the synthetic task, but --task tldr")
     return records
+
+
+def collection_key(args, sft_ckpt):
+    """What synth comparisons depend on: the SFT weights that were sampled (a digest) and the collection flags."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(sft_ckpt["model"].items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    flags = ("train_posts", "valid_posts", "samples", "labelers", "temperature", "ref_fraction", "seed", "data_dir")
+    return dict(sft=digest.hexdigest(), **{k: getattr(args, k) for k in flags})
+
+
+def stale_comparisons(folder, files, key):
+    """True (and says why) when the synth comparisons must be collected: missing, or collected from another sft.pt
+    or with other settings - reused silently, they would train the RM on samples of a policy that is gone."""
+    if not all(f.exists() for f in files):
+        return True
+    meta = folder / "synth_collected.json"
+    old = json.loads(meta.read_text()) if meta.exists() else None
+    if old != key:
+        why = ("no record of the sft.pt they came from" if old is None else
+               "they came from another sft.pt" if old.get("sft") != key["sft"] else
+               "they were collected with other settings: " + ", ".join(k for k in key if old.get(k) != key[k]))
+        print(f"reward: collecting the comparisons in {folder} anew: {why}")
+    return old != key
 
 
 def collect_synth(args, enc, sft_ckpt, files, device, dtype):
@@ -187,6 +213,7 @@ def collect_synth(args, enc, sft_ckpt, files, device, dtype):
                               split="train" if split == "train" else name, batch=f"synth_{split}",
                               batch_size=256, device=device, dtype=dtype, generator=gen)
         data.write_jsonl(path, comps)
+    atomic_write(files[0].parent / "synth_collected.json", json.dumps(collection_key(args, sft_ckpt), indent=1) + "\n")
     print(f"reward: collected {args.train_posts:,} training and {args.valid_posts:,} held-out comparisons of SFT "
           f"samples (T={args.temperature:g}, {args.ref_fraction:.0%} with the reference) in {time.time() - t0:.0f}s")
 
@@ -301,7 +328,7 @@ def main(argv=None):
     rm = model_from_checkpoint(sft_ckpt, head="scalar").to(device)
     args.lr = args.lr or paper_lr("reward", rm.num_params())
     optimizer = configure_optimizers(rm, args.lr, args.weight_decay, device_type=device.type)
-    step = load_resume_state(out / "reward.resume.pt", rm, optimizer, "reward")["step"] if args.resume else 0
+    step = load_resume_state(out / "reward.resume.pt", rm, optimizer, "reward", args)["step"] if args.resume else 0
     forward = torch.compile(rm) if args.compile else rm
     train_forward = distributed.wrap(forward, device)  # DDP under torchrun: gradients averaged in backward()
     world = distributed.world_size()
@@ -319,6 +346,7 @@ def main(argv=None):
         lr = cosine_lr(step, total_steps, args.lr, args.warmup)
         idx = train_rows[data.batch_indices(len(train_rows), args.batch_size, step, args.seed)]
         loss, acc = train_step(train_forward, arrays, idx, args, pad, device, dtype)
+        stop_if_not_finite(loss, f"step {step + 1}", out / "reward.resume.pt")
         optimizer_step(optimizer, rm.parameters(), lr, args.grad_clip)
         step += 1
         row = dict(step=step, loss=loss, accuracy=acc, lr=lr, pairs_per_s=len(idx) / (time.time() - t0),
@@ -353,5 +381,5 @@ if __name__ == "__main__":
     try:
         main()
         distributed.finish()
-    except (data.DataError, CheckpointError, FileNotFoundError, ConnectionError, ValueError) as e:
+    except (data.DataError, CheckpointError, FileNotFoundError, ConnectionError, ValueError, FloatingPointError) as e:
         sys.exit(f"reward.py: error: {e}")

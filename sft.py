@@ -26,8 +26,8 @@ from model import (GPT, GPTConfig, autocast, configure_optimizers, cosine_lr, op
                    sample_responses, trim_padding)
 from support import distributed, hf
 from support.checkpoint import (CheckpointError, load_checkpoint, load_resume_state, model_from_checkpoint,
-                                save_checkpoint, save_resume_state)
-from support.cli import add_run_args, add_task_args, fill_task_defaults
+                                save_checkpoint, save_resume_state, stop_if_not_finite)
+from support.cli import add_run_args, add_task_args, fill_task_defaults, positive_int
 from support.steplog import StepLog
 
 # Task defaults; a flag left at None takes its value from here. tldr follows the paper (batch 128, one epoch,
@@ -46,13 +46,13 @@ def parse_args(argv=None):
     # model
     p.add_argument("--model", help="tldr: a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face "
                    "directory, or an sft.pt to continue from; synth: 'scratch' (default) builds a new small GPT")
-    p.add_argument("--n-layer", type=int, default=4, help="layers of a model built from scratch")
-    p.add_argument("--n-head", type=int, default=4, help="attention heads of a model built from scratch")
-    p.add_argument("--n-embd", type=int, default=128, help="width of a model built from scratch")
+    p.add_argument("--n-layer", type=positive_int, default=4, help="layers of a model built from scratch")
+    p.add_argument("--n-head", type=positive_int, default=4, help="attention heads of a model built from scratch")
+    p.add_argument("--n-embd", type=positive_int, default=128, help="width of a model built from scratch")
     # optimization
-    p.add_argument("--batch-size", type=int, help="examples per optimizer step, over all processes under torchrun "
+    p.add_argument("--batch-size", type=positive_int, help="examples per optimizer step, over all processes under torchrun "
                    "(tldr 128, the paper's; synth 64)")
-    p.add_argument("--micro-batch-size", type=int, help="examples per forward/backward in each process; gradients "
+    p.add_argument("--micro-batch-size", type=positive_int, help="examples per forward/backward in each process; gradients "
                    "accumulate over batch-size / (micro-batch-size x processes) of them (lower it to fit memory)")
     p.add_argument("--lr", type=float, help="peak learning rate. tldr default: the paper's SFT rates (6.35e-5 at "
                    "1.3B, 2.83e-5 at 6.7B) extrapolated by their power law to the model size (2.0e-4 for 124M, "
@@ -66,11 +66,11 @@ def parse_args(argv=None):
     p.add_argument("--loss-on", choices=["summary", "all"], default="summary", help="summary: loss on the summary "
                    "tokens and EOS (the paper); all: on the query's tokens too")
     # evaluation and logging
-    p.add_argument("--eval-every", type=int, help="steps between validation losses")
-    p.add_argument("--val-size", type=int, help="validation posts for the validation loss")
+    p.add_argument("--eval-every", type=positive_int, help="steps between validation losses")
+    p.add_argument("--val-size", type=positive_int, help="validation posts for the validation loss")
     p.add_argument("--sample-n", type=int, help="validation posts summarized at temperature 0 at the end (ROUGE, "
                    "length, and for synth the gold preference over the references)")
-    p.add_argument("--save-every", type=int, help="steps between resumable checkpoints (<out>/sft.resume.pt)")
+    p.add_argument("--save-every", type=positive_int, help="steps between resumable checkpoints (<out>/sft.resume.pt)")
     add_run_args(p, "sft")
     args = p.parse_args(argv)
     fill_task_defaults(args, DEFAULTS)
@@ -228,7 +228,7 @@ def main(argv=None):
         raise ValueError(f"queries of {Lq} + responses of {Lr} tokens exceed the model's {model.config.block_size}")
     args.lr = args.lr or paper_lr("sft", model.num_params())
     optimizer = configure_optimizers(model, args.lr, args.weight_decay, device_type=device.type)
-    step = load_resume_state(out / "sft.resume.pt", model, optimizer, "sft")["step"] if args.resume else 0
+    step = load_resume_state(out / "sft.resume.pt", model, optimizer, "sft", args)["step"] if args.resume else 0
     forward = torch.compile(model) if args.compile else model
     train_forward = distributed.wrap(forward, device)  # DDP under torchrun: gradients averaged in backward()
     world = distributed.world_size()
@@ -248,6 +248,7 @@ def main(argv=None):
         lr = cosine_lr(step, total_steps, args.lr, args.warmup)
         idx = data.batch_indices(n_train, args.batch_size, step, args.seed)
         loss, tokens = train_step(train_forward, train, idx, args, pad, device, dtype)
+        stop_if_not_finite(loss, f"step {step + 1}", out / "sft.resume.pt")
         optimizer_step(optimizer, model.parameters(), lr, args.grad_clip)
         step += 1
         row = dict(step=step, loss=loss, lr=lr, tokens_per_s=tokens / (time.time() - t0),
@@ -275,5 +276,5 @@ if __name__ == "__main__":
     try:
         main()
         distributed.finish()
-    except (data.DataError, CheckpointError, FileNotFoundError, ConnectionError, ValueError) as e:
+    except (data.DataError, CheckpointError, FileNotFoundError, ConnectionError, ValueError, FloatingPointError) as e:
         sys.exit(f"sft.py: error: {e}")

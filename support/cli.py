@@ -1,8 +1,23 @@
 """The flags every stage shares - the task and its files, and the run itself (seed, device, precision, resume) - and
 the device they name."""
+import argparse
+from pathlib import Path
+
 import torch
 
 import data
+
+
+def positive_int(text):
+    """An argparse type for counts and sizes: an integer of at least 1 (0 or -8 batches would divide by zero or run
+    nothing, and say so only in a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_task_args(p, stage):
@@ -21,6 +36,9 @@ def fill_task_defaults(args, defaults):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.out_dir = args.out_dir or f"out/{args.task}"
+    for parent in [Path(args.out_dir), *Path(args.out_dir).parents]:  # mkdir would fail later, with a traceback
+        if parent.exists() and not parent.is_dir():
+            raise SystemExit(f"error: --out-dir {args.out_dir}: {parent} is a file, not a folder")
     args.data_dir = args.data_dir or data.TASKS[args.task]["data_dir"]
 
 

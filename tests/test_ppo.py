@@ -232,7 +232,11 @@ def test_fewer_posts_than_a_rollout_batch_is_a_clear_error(stages, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--minibatch-size", "64"], "--minibatch-size 64 is larger than --rollout-batch-size 32"),
-    (["--sample-batch-size", "0"], "--sample-batch-size 0 must be at least 1"),
+    (["--sample-batch-size", "0"], "argument --sample-batch-size: must be at least 1, got 0"),
+    (["--ppo-epochs", "0"], "argument --ppo-epochs: must be at least 1, got 0"),
+    (["--micro-batch-size", "-8"], "argument --micro-batch-size: must be at least 1, got -8"),
+    (["--eval-every", "0"], "argument --eval-every: must be at least 1, got 0"),
+    (["--rollout-batch-size", "0"], "argument --rollout-batch-size: must be at least 1, got 0"),
 ])
 def test_batch_flags_that_cannot_work_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):

@@ -108,6 +108,16 @@ def test_resume_equals_uninterrupted(sft_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_nan_loss_stops_before_the_weights(sft_run, tmp_path, monkeypatch):
+    real = reward.train_step
+    monkeypatch.setattr(reward, "train_step", lambda *args: (float("nan"), real(*args)[1]))
+    with pytest.raises(FloatingPointError, match="step 1: the loss is nan; stopping before it reaches the weights; "
+                                                 "no resume state had been written yet"):
+        run_reward(sft_run, tmp_path)
+    assert not (tmp_path / "reward.pt").exists() and not (tmp_path / "reward.resume.pt").exists()
+
+
+@pytest.mark.slow
 def test_wrong_task_and_wrong_tokenizer_are_refused(sft_run, tmp_path):
     rm_dir = tmp_path / "x"
     run = lambda *a: subprocess.run([sys.executable, str(ROOT / "reward.py"), "--task", "synth", "--data-dir",
@@ -143,3 +153,24 @@ def test_collect_command_compares_several_policies_in_the_original_format(sft_ru
                            "--out", str(tmp_path / "d.json")], capture_output=True, text=True, cwd=ROOT)
     assert "not a readable checkpoint" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "d.json").exists()
+
+
+def test_synth_comparisons_from_another_sft_model_are_collected_anew(tmp_path, capsys):
+    import argparse
+    args = argparse.Namespace(train_posts=10, valid_posts=5, samples=2, labelers=3, temperature=0.7, ref_fraction=0.2,
+                              seed=0, data_dir="data/synth")
+    sft_ckpt = {"model": GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=1, n_embd=8)).state_dict()}
+    files = [tmp_path / "synth_train.json", tmp_path / "synth_valid.json"]
+    key = reward.collection_key(args, sft_ckpt)
+    assert reward.stale_comparisons(tmp_path, files, key)  # nothing collected yet
+    for f in files:
+        f.write_text("{}\n")
+    assert reward.stale_comparisons(tmp_path, files, key)  # files of unknown origin
+    assert "no record of the sft.pt they came from" in capsys.readouterr().out
+    (tmp_path / "synth_collected.json").write_text(json.dumps(key))
+    assert not reward.stale_comparisons(tmp_path, files, key)  # the same SFT model and settings: reused
+    sft_ckpt["model"]["lm_head.weight"] = sft_ckpt["model"]["lm_head.weight"] + 1e-3  # sft.pt trained again
+    assert reward.stale_comparisons(tmp_path, files, reward.collection_key(args, sft_ckpt))
+    assert "they came from another sft.pt" in capsys.readouterr().out
+    assert reward.stale_comparisons(tmp_path, files, dict(key, temperature=1.0))
+    assert "other settings: temperature" in capsys.readouterr().out

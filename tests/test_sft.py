@@ -88,6 +88,24 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(synth_dir, tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_a_nan_loss_stops_before_the_weights_and_keeps_the_resume_state(synth_dir, tmp_path, monkeypatch):
+    real, calls = sft.train_step, {"n": 0}
+
+    def nan_at_step_5(*args):
+        calls["n"] += 1
+        loss, tokens = real(*args)
+        return (float("nan") if calls["n"] == 5 else loss), tokens
+
+    monkeypatch.setattr(sft, "train_step", nan_at_step_5)
+    with pytest.raises(FloatingPointError, match="step 5: the loss is nan; stopping before it reaches the weights; "
+                                                 "the last resume state .* is kept"):
+        run_sft(synth_dir, tmp_path, "--epochs", "1", "--save-every", "4")
+    assert not (tmp_path / "sft.pt").exists()
+    state = load_checkpoint(tmp_path / "sft.resume.pt", stage="sft")
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, str(ROOT / "sft.py"), *args], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "TLDR_RLHF_HF_ENDPOINT": "http://127.0.0.1:9"})
