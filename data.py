@@ -501,13 +501,15 @@ def encode_queries(records, enc, max_query_tokens, template=None):
 
 
 def summarize(policy, records, enc, task, temperature=0.0, batch_size=64, device="cpu", dtype=None, generator=None,
-              desc=None):
+              desc=None, with_ended=False):
     """The summaries a policy (a GPT with the LM head) writes for records: their queries, sampled at temperature
-    (0 = argmax) up to the task's response length, decoded up to EOS."""
+    (0 = argmax) up to the task's response length, decoded up to EOS. with_ended: also (N,) bool, whether each
+    summary ended with an EOS within the length (PPO scores one that did not with its --no-eos-score)."""
     queries = encode_queries(records, enc, TASKS[task]["query_len"])
     tokens = sample_responses(policy, queries, TASKS[task]["response_len"], temperature, enc.eot_token, pad_id(enc),
                               batch_size, device, dtype, generator, desc)
-    return decode_responses(enc, tokens)
+    texts = decode_responses(enc, tokens)
+    return (texts, (tokens == enc.eot_token).any(1).numpy()) if with_ended else texts
 
 
 def summary_batches(records, texts, enc, task, batch_size, device):
@@ -526,14 +528,22 @@ def summary_batches(records, texts, enc, task, batch_size, device):
 
 
 @torch.no_grad()
-def score_summaries(rm, records, texts, enc, task, batch_size=64, device="cpu", dtype=None):
+def score_summaries(rm, records, texts, enc, task, batch_size=64, device="cpu", dtype=None, ended=None,
+                    no_eos_score=-1.0):
     """A reward model's score of texts[i] as a summary of records[i], read at its EOS as in training. Returns (N,)
-    float numpy."""
-    out = []
-    for tokens, _ in summary_batches(records, texts, enc, task, batch_size, device):
+    float numpy. As in PPO, a summary that never ended (ended[i] False: no EOS within the response length) gets
+    no_eos_score rather than a score of the text with an EOS it never wrote; so does one whose text re-tokenizes
+    past what the reward model reads (a tiny policy's stray bytes)."""
+    limit = TASKS[task]["rm_response_len"]
+    readable = np.array([len(enc.encode_ordinary(as_response(t))) + 1 <= limit for t in texts], dtype=bool)
+    scored = np.flatnonzero(readable & (True if ended is None else np.asarray(ended, dtype=bool)))
+    out = np.full(len(texts), no_eos_score, dtype=np.float32)
+    batches = summary_batches([records[i] for i in scored], [texts[i] for i in scored], enc, task, batch_size, device)
+    for start, (tokens, _) in zip(range(0, len(scored), batch_size), batches):
         with autocast(device, dtype):
-            out.append(reward_at_eos(rm, tokens, (tokens != pad_id(enc)).long()).float().cpu())
-    return torch.cat(out).numpy()
+            scores = reward_at_eos(rm, tokens, (tokens != pad_id(enc)).long()).float().cpu().numpy()
+        out[scored[start:start + len(scores)]] = scores
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

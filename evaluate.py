@@ -67,7 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--reward", help="the reward model whose scores are reported, which picks best-of-N and is "
                    "analyzed (default: <out>/reward.pt; skipped when missing)")
     p.add_argument("--judge", help="gold (synth), rm:PATH (a reward checkpoint) or http (an LLM judge). Default: "
-                   "gold for synth, rm:<the --reward model> for tldr (not independent of a policy trained on it)")
+                   "gold for synth; tldr has none: the only judge at hand, the reward model, is the one PPO was "
+                   "trained against, and its verdict would be circular. The report says, policy by policy, whether "
+                   "the judge is independent of it")
     p.add_argument("--data", default="test", choices=["test", "valid", "transfer", "cnndm"],
                    help="posts to summarize: a split, or transfer (tldr: CNN/DM articles, also called cnndm; "
                    "synth: the held-out subreddit)")
@@ -101,7 +103,11 @@ def parse_args(argv=None):
         p.error(f"no --policies given and neither {out / 'sft.pt'} nor {out / 'ppo.pt'} exists: train them first")
     args.sft = args.sft or str(out / "sft.pt")
     args.reward = args.reward or str(out / "reward.pt")
-    args.judge = args.judge or ("gold" if args.task == "synth" else f"rm:{args.reward}")
+    if args.judge is None and args.task == "tldr":
+        p.error(f"--task tldr needs a --judge: http (an LLM judge), or rm:PATH with a reward model the policies were "
+                f"not trained against. The default {args.reward} trained the PPO policy, so its preference would "
+                f"measure how well PPO optimized it, not how good the summaries are")
+    args.judge = args.judge or "gold"
     if args.judge == "gold" and args.task != "synth":
         p.error("--judge gold exists only for the synthetic task; use rm:PATH or http")
     if not (args.judge in ("gold", "http") or args.judge.startswith("rm:")):
@@ -188,7 +194,7 @@ class Gold:
     def totals(self, records, texts):
         return np.array([synth.gold_score(r, t)["total"] for r, t in zip(records, texts)])
 
-    def prefer(self, records, texts, baselines):
+    def prefer(self, records, texts, baselines, ended=None):  # a cut summary is judged as the text it is
         return verdicts(self.totals(records, texts), self.totals(records, baselines))
 
     def axes(self, records, texts):
@@ -204,11 +210,27 @@ class RewardJudge:
         self.rm = rm if rm is not None else load_model(path, run, "reward")[0]
         self.run, self.name = run, f"rm:{path}"
 
-    def prefer(self, records, texts, baselines):
+    def prefer(self, records, texts, baselines, ended=None):
+        """ended: which texts ended with an EOS; the others get PPO's score for that, -1 (data.score_summaries)."""
         r = self.run
-        score = lambda t: data.score_summaries(self.rm, records, t, r.enc, r.task, r.batch_size, r.device,  # noqa
-                                               r.dtype)
-        return verdicts(score(texts), score(baselines))
+        score = lambda t, e=None: data.score_summaries(self.rm, records, t, r.enc, r.task, r.batch_size,  # noqa
+                                                       r.device, r.dtype, ended=e)
+        return verdicts(score(texts, ended), score(baselines))
+
+
+def independence(judge, checkpoint):
+    """How independent a judge is of one policy: a PPO policy judged by the reward model it was trained against
+    is circular (Gao et al. 2022: the proxy keeps rising while the true preference falls)."""
+    if isinstance(judge, Gold):
+        return "independent: the gold rubric, which no policy or reward model was trained on"
+    if isinstance(judge, HTTPJudge):
+        return "independent: an LLM judge, which no policy was trained against"
+    trained_on = (checkpoint or {}).get("args", {}).get("reward")
+    if checkpoint is None or trained_on is None:
+        return "independent: this policy was not trained against a reward model"
+    if Path(trained_on).resolve() == Path(judge.name.removeprefix("rm:")).resolve():
+        return "NOT independent: this policy was trained against this very reward model"
+    return f"independent of this policy only if {trained_on}, which it was trained against, was trained on other data"
 
 
 def make_judge(args, run, rm=None):
@@ -240,8 +262,9 @@ def policy_names(paths):
 @torch.no_grad()
 def sample(policy, records, run, temperature, copies=1, ref=None, desc=None):
     """`copies` summaries of each record (record-major) at a temperature. Batch b draws from its own generator,
-    seeded by (seed, b), so the samples do not depend on what else ran before. With `ref`, also each sample's
-    log-ratio summed over its tokens, log pi(y|x) - log ref(y|x) at the same temperature: the sampled KL."""
+    seeded by (seed, b), so the samples do not depend on what else ran before. Returns the texts, whether each
+    ended with an EOS, and with `ref` each sample's log-ratio summed over its tokens, log pi(y|x) - log ref(y|x) at
+    the same temperature: the sampled KL (else None)."""
     queries = np.repeat(data.encode_queries(records, run.enc, data.TASKS[run.task]["query_len"]), copies, axis=0)
     pad, eos, R = data.pad_id(run.enc), run.enc.eot_token, data.TASKS[run.task]["response_len"]
     tokens, kls = [torch.empty(0, R, dtype=torch.long)], [torch.empty(0)]
@@ -257,17 +280,21 @@ def sample(policy, records, run, temperature, copies=1, ref=None, desc=None):
                 ref_logp = response_logprobs(ref, out, mask, q.size(1), temperature).float()
                 kls.append(((logp - ref_logp) * mask[:, q.size(1):]).sum(1).cpu())
         tokens.append(out[:, q.size(1):].cpu())
-    texts = distributed.gather(data.decode_responses(run.enc, torch.cat(tokens)))
-    return (texts, distributed.gather(torch.cat(kls).numpy())) if ref is not None else texts
+    tokens = torch.cat(tokens)
+    texts = distributed.gather(data.decode_responses(run.enc, tokens))
+    ended = distributed.gather((tokens == eos).any(1).numpy())
+    return texts, ended, (distributed.gather(torch.cat(kls).numpy()) if ref is not None else None)
 
 
 def summarize(policy, records, run, desc=None):
-    """Temperature-0 summaries (data.summarize); under torchrun each process writes those of its batches, and every
-    process gets them all, in order. Whole batches, so every summary is the one a single process writes."""
+    """Temperature-0 summaries (data.summarize) and whether each ended with an EOS; under torchrun each process
+    writes those of its batches, and every process gets them all, in order. Whole batches, so every summary is the
+    one a single process writes."""
     batches = distributed.shard(math.ceil(len(records) / run.batch_size))
     mine = records[batches.start * run.batch_size:batches.stop * run.batch_size]
-    return distributed.gather(data.summarize(policy, mine, run.enc, run.task, 0.0, run.batch_size, run.device,
-                                             run.dtype, desc=desc) if mine else [])
+    texts, ended = (data.summarize(policy, mine, run.enc, run.task, 0.0, run.batch_size, run.device, run.dtype,
+                                   desc=desc, with_ended=True) if mine else ([], np.zeros(0, dtype=bool)))
+    return distributed.gather(texts), distributed.gather(ended)
 
 
 @torch.no_grad()
@@ -292,18 +319,19 @@ def source(record):
 # ---------------------------------------------------------------------------------------------------------------------
 # the measurements
 
-def describe(texts, records, refs, judge, run, rm=None, kl=None):
-    """One row of the main table for a set of summaries of records. Returns the row, the judge's verdicts and the
-    summaries' lengths in tokens."""
-    wins, lengths = judge.prefer(records, texts, refs), token_lengths(texts, run.enc)
-    row = dict(preference=mean_se(wins), length=mean_se(lengths),
+def describe(texts, records, refs, judge, run, rm=None, kl=None, ended=None):
+    """One row of the main table for a set of summaries of records (ended: which ended with an EOS; None: all, as
+    references do). Returns the row, the judge's verdicts and the summaries' lengths in tokens."""
+    ended = np.ones(len(texts), dtype=bool) if ended is None else np.asarray(ended, dtype=bool)
+    wins, lengths = judge.prefer(records, texts, refs, ended), token_lengths(texts, run.enc)
+    row = dict(preference=mean_se(wins), length=mean_se(lengths), eos_fraction=float(ended.mean()),
                rouge=data.mean_rouge(texts, refs), copying=mean_se([data.copying(t, source(r))
                                                                     for t, r in zip(texts, records)]))
     if isinstance(judge, Gold):
         row["gold"] = judge.axes(records, texts)
     if rm is not None:
         row["rm_score"] = mean_se(data.score_summaries(rm, records, texts, run.enc, run.task, run.batch_size,
-                                                       run.device, run.dtype))
+                                                       run.device, run.dtype, ended=ended))
     if kl is not None:
         row["kl"] = mean_se(kl)
     return row, wins, lengths
@@ -312,18 +340,20 @@ def describe(texts, records, refs, judge, run, rm=None, kl=None):
 def measure(path, name, records, refs, judge, run, sft, rm, kl_temperature):
     """Temperature-0 summaries of the evaluation posts and the main table's row of one policy checkpoint."""
     policy, ckpt = load_model(path, run, ("sft", "ppo"))
-    texts = summarize(policy, records, run, desc=f"{name}: summarizing")
-    kl = sample(policy, records, run, kl_temperature, ref=sft, desc=f"{name}: KL")[1] if sft else None
-    row, wins, lengths = describe(texts, records, refs, judge, run, rm, kl)
-    return dict(path=str(path), stage=ckpt["stage"], step=ckpt["step"], **row), texts, wins, lengths
+    texts, ended = summarize(policy, records, run, desc=f"{name}: summarizing")
+    kl = sample(policy, records, run, kl_temperature, ref=sft, desc=f"{name}: KL")[2] if sft else None
+    row, wins, lengths = describe(texts, records, refs, judge, run, rm, kl, ended)
+    return (dict(path=str(path), stage=ckpt["stage"], step=ckpt["step"], judge=independence(judge, ckpt), **row),
+            texts, wins, lengths)
 
 
 def best_of_n(sft, rm, records, refs, judge, run, max_n, temperature):
     """Figure 7: max_n SFT samples per post, once; for N = 1, 2, 4, ... the pick among the first N by the RM or by
     ROUGE-L against the reference, judged against the reference. KL is the best-of-N formula."""
-    texts = sample(sft, records, run, temperature, copies=max_n, desc=f"best-of-{max_n}: sampling")
+    texts, ended, _ = sample(sft, records, run, temperature, copies=max_n, desc=f"best-of-{max_n}: sampling")
     many = [r for r in records for _ in range(max_n)]
-    scores = dict(rm=data.score_summaries(rm, many, texts, run.enc, run.task, run.batch_size, run.device, run.dtype),
+    scores = dict(rm=data.score_summaries(rm, many, texts, run.enc, run.task, run.batch_size, run.device, run.dtype,
+                                          ended=ended),
                   rouge=np.array([data.rouge(t, ref)["rougeL"] for t, ref in zip(texts, np.repeat(refs, max_n))]))
     texts = np.array(texts, dtype=object).reshape(len(records), max_n)
     rm_scores, rouge_scores = (scores[k].reshape(len(records), max_n) for k in ("rm", "rouge"))
@@ -334,7 +364,9 @@ def best_of_n(sft, rm, records, refs, judge, run, max_n, temperature):
         while n <= max_n:
             pick = s[:, :n].argmax(1)
             chosen = list(texts[rows, pick])
-            curves[name].append(dict(n=n, kl=bon_kl(n), preference=mean_se(judge.prefer(records, chosen, refs)),
+            chosen_ended = ended.reshape(len(records), max_n)[rows, pick]
+            curves[name].append(dict(n=n, kl=bon_kl(n), preference=mean_se(judge.prefer(records, chosen, refs,
+                                                                                         chosen_ended)),
                                      rm_score=mean_se(rm_scores[rows, pick]),
                                      rougeL=float(rouge_scores[rows, pick].mean()),
                                      length=mean_se(token_lengths(chosen, run.enc))))
@@ -446,6 +478,10 @@ def samples_page(results, records, texts, lengths, wins, show):
 def print_table(results):
     cols = "policy", "pref vs ref", "len-ctrl", "tokens", "R-1/R-2/R-L", "copy", "KL", "RM"
     print(f"evaluate: {results['task']} {results['data']}, {results['n']} posts, judge {results['judge']}")
+    for name, row in results["policies"].items():
+        if "judge" in row:
+            print(f"  judge for {name}: {row['judge']}; {100 * row['eos_fraction']:.0f}% of its summaries ended "
+                  "with EOS (the others scored -1 by a reward model, as in PPO)")
     print(f"{cols[0]:<14}{cols[1]:>14}{cols[2]:>10}{cols[3]:>8}{cols[4]:>16}{cols[5]:>7}{cols[6]:>7}{cols[7]:>8}")
     fmt = lambda m, f: "-" if m is None or m.get("mean") is None else format(round(m["mean"], 2) + 0.0, f)  # noqa
     for name, row in results["policies"].items():

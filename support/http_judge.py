@@ -122,7 +122,7 @@ class HTTPJudge:
         post = f"SUBREDDIT: r/{record.get('subreddit')}\nTITLE: {record.get('title')}\n\n{record['post'].strip()}"
         return JUDGE_PROMPT.format(kind="forum post", Kind="Post", source=post, a=a, b=b)
 
-    def prefer(self, records, texts, baselines):
+    def prefer(self, records, texts, baselines, ended=None):  # a cut summary is shown as the text it is
         flips = [self.rng.random() < 0.5 for _ in texts]  # drawn up front: the order does not depend on threads
 
         def one(i):

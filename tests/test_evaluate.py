@@ -14,6 +14,7 @@ import data
 import evaluate
 import ppo
 import synth
+from support.checkpoint import load_checkpoint, model_from_checkpoint
 from support.http_judge import HTTPJudge, JudgeError, parse_verdict
 
 # --- statistics and metrics, by hand ---
@@ -257,3 +258,19 @@ def test_quickstart_ends_with_the_table_of_its_evaluation(evaluated, capsys):
     agree = res["rm_analysis"]["agreement"]
     assert f"held-out accuracy {100 * agree['reward model']['mean']:5.1f}" in text
     assert f"agree with each other {100 * agree['labelers (second opinion)']['mean']:5.1f}" in text
+
+
+def test_a_summary_that_never_ended_is_scored_as_ppo_scores_it(stages):
+    # PPO gives a response without EOS the fixed score -1; evaluation used to append an EOS and ask the RM, so a
+    # policy that runs to the length limit looked better than in training. A text the RM cannot read whole (a tiny
+    # policy's stray bytes) gets -1 too instead of stopping the evaluation.
+    root, _ = stages
+    enc = data.get_tokenizer(data.SYNTH_TOKENIZER)
+    rm = model_from_checkpoint(load_checkpoint(root / "out" / "reward.pt"))
+    records = data.load_split("synth", "valid", root / "data")[:3]
+    texts = [data.as_response(r["summary"]) for r in records]
+    texts[2] = " " + "word " * 60  # past the 48 tokens the RM reads
+    whole = data.score_summaries(rm, records, texts, enc, "synth")
+    cut = data.score_summaries(rm, records, texts, enc, "synth", ended=[True, False, True])
+    assert cut[0] == pytest.approx(whole[0], abs=1e-5) and cut[1] == -1.0 and abs(whole[1] + 1) > 1e-3
+    assert whole[2] == cut[2] == -1.0

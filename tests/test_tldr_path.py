@@ -75,9 +75,16 @@ def test_evaluate_on_reddit_and_cnndm_transfer(tldr):
         pytest.skip("needs the stages of test_sft_reward_ppo_run_on_the_real_formats")
     small = ["--n-posts", "3", "--batch-size", "3", "--max-n", "2", "--bon-posts", "2", "--analysis-n", "12",
              "--show", "2"]
+    with pytest.raises(SystemExit):  # no judge by default: the only one at hand trained the PPO policy
+        evaluate.main(common(tldr) + small)
+    rm = tldr / "out" / "reward.pt"
+    small += ["--judge", f"rm:{rm}"]  # circular for PPO, and said so
     evaluate.main(common(tldr) + small)
     res = json.loads((tldr / "out" / "eval.json").read_text())
-    assert res["judge"] == f"rm:{tldr / 'out' / 'reward.pt'}"  # no gold rubric for Reddit: the RM by default
+    assert res["judge"] == f"rm:{rm}"
+    assert res["policies"]["ppo"]["judge"].startswith("NOT independent: this policy was trained against this very")
+    assert res["policies"]["sft"]["judge"].startswith("independent")
+    assert 0 <= res["policies"]["ppo"]["eos_fraction"] <= 1
     assert list(res["policies"]) == ["reference", "sft", "ppo"] and res["policies"]["ppo"]["preference"]["n"] == 3
     assert res["rm_analysis"]["n"] == 12 and "gold rubric" not in res["rm_analysis"]["agreement"]
     assert "probes" not in res  # the edits of section 4.3 need the synthetic world's facts
