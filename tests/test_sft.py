@@ -126,3 +126,15 @@ def test_bad_input_gets_a_clear_message_and_no_traceback(synth_dir, tmp_path):
     assert "is a reward checkpoint, expected a sft checkpoint" in proc.stderr and "Traceback" not in proc.stderr
     with pytest.raises(CheckpointError, match="sft.resume.pt: no such file"):
         run_sft(synth_dir, tmp_path / "fresh", "--resume")
+    proc = run_cli("--task", "synth", "--batch-size", "0")
+    assert proc.returncode == 2 and "argument --batch-size: must be at least 1, got 0" in proc.stderr
+    (tmp_path / "a-file").write_text("")
+    proc = run_cli("--task", "synth", "--data-dir", str(synth_dir), "--out-dir", str(tmp_path / "a-file" / "out"))
+    assert proc.returncode == 1 and "a-file is a file, not a folder" in proc.stderr and "Traceback" not in proc.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for split in ("train", "valid"):
+        (empty / f"{split}.jsonl").write_text("" if split == "valid" else (synth_dir / "train.jsonl").read_text())
+    proc = run_cli("--task", "synth", "--data-dir", str(empty), "--out-dir", str(tmp_path / "o"), "--cache-dir",
+                   str(tmp_path / "cache"))
+    assert proc.returncode == 1 and "valid.jsonl holds no records" in proc.stderr and "Traceback" not in proc.stderr
