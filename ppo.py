@@ -177,7 +177,9 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=positive_int, help="updates between ppo_step<N>.pt checkpoints (and the resume state)")
     add_run_args(p, "ppo", compile="torch.compile the policy's one-token sampling step (a static KV cache, run as a "
                  "CUDA graph on a GPU; queries then keep their full padded length so every batch has one shape) and "
-                 "the training forwards of policy and value: faster on GPUs after a minute or two of compiling")
+                 "the training forwards of policy and value: faster on GPUs after a minute or two of compiling. The "
+                 "first minibatch's ratio is then 1 up to float rounding, not exactly: the compiled training graph "
+                 "fuses its arithmetic differently from the rollout's forward")
     args = p.parse_args(argv)
     fill_task_defaults(args, DEFAULTS)
     args.sft = args.sft or str(Path(args.out_dir) / "sft.pt")
