@@ -201,6 +201,8 @@ def parse_args(argv=None):
     if world > 1:
         distributed.check_batch(p, "rollout-batch-size", args.rollout_batch_size, "micro-batch-size",
                                 args.micro_batch_size)
+    if args.episodes < args.rollout_batch_size:
+        p.error(f"--episodes {args.episodes} is less than one --rollout-batch-size {args.rollout_batch_size}")
     if args.minibatch_size > args.rollout_batch_size:
         p.error(f"--minibatch-size {args.minibatch_size} is larger than --rollout-batch-size {args.rollout_batch_size}")
     return args

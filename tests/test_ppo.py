@@ -237,6 +237,7 @@ def test_fewer_posts_than_a_rollout_batch_is_a_clear_error(stages, tmp_path):
     (["--micro-batch-size", "-8"], "argument --micro-batch-size: must be at least 1, got -8"),
     (["--eval-every", "0"], "argument --eval-every: must be at least 1, got 0"),
     (["--rollout-batch-size", "0"], "argument --rollout-batch-size: must be at least 1, got 0"),
+    (["--episodes", "16"], "--episodes 16 is less than one --rollout-batch-size 32"),
 ])
 def test_batch_flags_that_cannot_work_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
