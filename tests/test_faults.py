@@ -46,18 +46,18 @@ def same_weights(a, b):
 def test_sft_killed_mid_run_and_after_its_last_save_resumes_to_the_same_weights(stages, tmp_path):
     root, _ = stages
     args = ["sft.py", "--task", "synth", "--data-dir", root / "data", "--cache-dir", root / "cache", "--n-layer", "2",
-            "--n-head", "2", "--n-embd", "32", "--batch-size", "16", "--epochs", "1", "--val-size", "32",
-            "--sample-n", "16", "--save-every", "5", "--device", "cpu"]  # 60 steps
+            "--n-head", "2", "--n-embd", "32", "--batch-size", "32", "--epochs", "1", "--val-size", "32",
+            "--sample-n", "16", "--save-every", "5", "--device", "cpu"]  # 30 steps
     run(*args, "--out-dir", tmp_path / "a")
-    kill_at("step 12/60", *args, "--out-dir", tmp_path / "b")  # between two saves (10 and 15)
+    kill_at("step 12/30", *args, "--out-dir", tmp_path / "b")  # between two saves (10 and 15)
     assert load_checkpoint(tmp_path / "b" / "sft.resume.pt")["step"] in (10, 15)
     # resumed, then killed again while it summarizes the validation posts: after the final step's save
     kill_at("sft: summarizing validation posts", *args, "--out-dir", tmp_path / "b", "--resume")
-    assert load_checkpoint(tmp_path / "b" / "sft.resume.pt")["step"] == 60 and not (tmp_path / "b" / "sft.pt").exists()
+    assert load_checkpoint(tmp_path / "b" / "sft.resume.pt")["step"] == 30 and not (tmp_path / "b" / "sft.pt").exists()
     run(*args, "--out-dir", tmp_path / "b", "--resume")
     assert same_weights(tmp_path / "a" / "sft.pt", tmp_path / "b" / "sft.pt")
     steps = [line for line in (tmp_path / "b" / "sft.log.jsonl").read_text().splitlines()]
-    assert len(steps) == 61  # steps 0..60, none twice after the resumes
+    assert len(steps) == 31  # steps 0..30, none twice after the resumes
     assert not (tmp_path / "b" / "sft.resume.pt").exists()
 
 
