@@ -512,19 +512,21 @@ def summarize(policy, records, enc, task, temperature=0.0, batch_size=64, device
     return (texts, (tokens == enc.eot_token).any(1).numpy()) if with_ended else texts
 
 
-def summary_batches(records, texts, enc, task, batch_size, device):
+def summary_batches(records, texts, enc, task, batch_size, device, skip_long=False):
     """texts[i] as the summary of records[i], tokenized as the reward model reads them (query + `as_response` +
-    EOS, up to the task's rm_response_len), in batches: yields (tokens (B, T), n_query), padding trimmed."""
+    EOS, up to the task's rm_response_len), in batches: yields (tokens (B, T), n_query, rows), padding trimmed; rows
+    are the batch's indices into texts. A summary longer than the RM reads is an error, or with skip_long left out
+    (absent from every rows)."""
     spec = TASKS[task]
     arrays = prepare_sft([dict(r, summary=t) for r, t in zip(records, texts)], enc, spec["query_len"],
                          spec["rm_response_len"])
-    if len(arrays["index"]) != len(texts):
+    if len(arrays["index"]) != len(texts) and not skip_long:
         raise ValueError(f"{len(texts) - len(arrays['index'])} summaries are longer than the reward model reads "
                          f"({spec['rm_response_len']} tokens with the EOS)")
-    for i in range(0, len(texts), batch_size):
+    for i in range(0, len(arrays["index"]), batch_size):
         q, r = tensors(arrays, slice(i, i + batch_size), ("query", "response"), device)
         tokens, cut = trim_padding(torch.cat([q, r], 1), pad_id(enc))
-        yield tokens, q.size(1) - cut
+        yield tokens, q.size(1) - cut, arrays["index"][i:i + batch_size]
 
 
 @torch.no_grad()
@@ -534,15 +536,14 @@ def score_summaries(rm, records, texts, enc, task, batch_size=64, device="cpu", 
     float numpy. As in PPO, a summary that never ended (ended[i] False: no EOS within the response length) gets
     no_eos_score rather than a score of the text with an EOS it never wrote; so does one whose text re-tokenizes
     past what the reward model reads (a tiny policy's stray bytes)."""
-    limit = TASKS[task]["rm_response_len"]
-    readable = np.array([len(enc.encode_ordinary(as_response(t))) + 1 <= limit for t in texts], dtype=bool)
-    scored = np.flatnonzero(readable & (True if ended is None else np.asarray(ended, dtype=bool)))
     out = np.full(len(texts), no_eos_score, dtype=np.float32)
-    batches = summary_batches([records[i] for i in scored], [texts[i] for i in scored], enc, task, batch_size, device)
-    for start, (tokens, _) in zip(range(0, len(scored), batch_size), batches):
+    scored = np.flatnonzero(np.ones(len(texts), dtype=bool) if ended is None else np.asarray(ended, dtype=bool))
+    if not len(scored):
+        return out
+    for tokens, _, rows in summary_batches([records[i] for i in scored], [texts[i] for i in scored], enc, task,
+                                           batch_size, device, skip_long=True):
         with autocast(device, dtype):
-            scores = reward_at_eos(rm, tokens, (tokens != pad_id(enc)).long()).float().cpu().numpy()
-        out[scored[start:start + len(scores)]] = scores
+            out[scored[rows]] = reward_at_eos(rm, tokens, (tokens != pad_id(enc)).long()).float().cpu().numpy()
     return out
 
 

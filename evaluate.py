@@ -301,7 +301,7 @@ def summarize(policy, records, run, desc=None):
 def summary_logprobs(model, records, texts, run):
     """log p(summary | query) under a policy at temperature 1, summed over the summary's tokens and its EOS."""
     pad, out = data.pad_id(run.enc), []
-    for tokens, n_query in data.summary_batches(records, texts, run.enc, run.task, run.batch_size, run.device):
+    for tokens, n_query, _ in data.summary_batches(records, texts, run.enc, run.task, run.batch_size, run.device):
         with autocast(run.device, run.dtype):
             logp = response_logprobs(model, tokens, (tokens != pad).long(), n_query).float()
         out.append((logp * (tokens[:, n_query:] != pad)).sum(1).cpu())
