@@ -6,7 +6,7 @@ instead (the paper's section 3.4: "a randomly initialized linear head that outpu
 and shapes are GPT-2's, so the Hugging Face checkpoints map one to one (support/hf.py reads and writes them).
 
 Besides the model this file holds what the stages compute with it: sampling with a KV cache, the log-probs of a
-response, the reward read at the EOS token, mixed precision, and the optimizer and its schedule.
+response, the reward read at the EOS token, and mixed precision (the optimizer and learning rates: support/optim.py).
 
     python model.py demo                               # a tiny random GPT: padding, KV cache, sampling
     python model.py export out/synth/ppo.pt hf/ppo     # a checkpoint -> config.json + model.safetensors
@@ -400,7 +400,7 @@ def sample_responses(model, queries, max_new_tokens, temperature, eos_id, pad_id
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# mixed precision and optimization
+# mixed precision
 
 def pick_dtype(device, name="auto"):
     """bf16 where the GPU supports it, fp32 elsewhere (a CPU has no speed to gain from bf16 autocast)."""
@@ -415,49 +415,6 @@ def autocast(device, dtype):
     if dtype in (None, torch.float32):
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def configure_optimizers(model, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, device_type="cpu", verbose=True):
-    """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only - not on biases or layer norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    if verbose:
-        print(f"optimizer: {len(decay)} tensors with decay ({sum(p.numel() for p in decay):,} parameters), "
-              f"{len(no_decay)} without ({sum(p.numel() for p in no_decay):,})")
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device_type == "cuda")
-
-
-def optimizer_step(optimizer, parameters, lr, grad_clip=0.0):
-    """One update of every stage: set the learning rate, clip the gradient norm (0: off), step, clear gradients."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def cosine_lr(step, total, peak, warmup=0.0):
-    """The paper's schedule for SFT and the reward model: linear warm-up over a fraction of the steps, then cosine
-    decay to 0."""
-    warm = int(warmup * total)
-    if step < warm:
-        return peak * (step + 1) / warm
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-
-# The paper's learning rates (appendix B.1) at its two sizes, 1.3B and 6.7B parameters. GPT-2's sizes lie outside
-# that range, so defaults come from the power law through those two points (lr ~ N^-0.49 for SFT, N^-0.67 for the
-# RM, N^-0.46 for PPO): e.g. SFT 2.0e-4 at 124M, 5.9e-5 at 1.5B. An extrapolation, documented as such in --help.
-PAPER_LR = {"sft": (6.35e-5, 2.83e-5), "reward": (1.5e-5, 5e-6), "ppo": (1.5e-5, 7e-6)}
-
-
-def paper_lr(stage, n_params):
-    lr_small, lr_large = PAPER_LR[stage]
-    slope = math.log(lr_large / lr_small) / math.log(6.7e9 / 1.3e9)
-    return lr_small * (n_params / 1.3e9) ** slope
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 import data
-from model import (autocast, configure_optimizers, optimizer_step, paper_lr, pick_dtype, response_logprobs,
-                   reward_at_eos, row_noise, trim_padding)
+from model import autocast, pick_dtype, response_logprobs, reward_at_eos, row_noise, trim_padding
 from support import distributed
 from support.checkpoint import (CheckpointError, load_checkpoint, load_resume_state, model_from_checkpoint,
                                 save_checkpoint, save_resume_state, stop_if_not_finite)
 from support.cli import add_run_args, add_task_args, fill_task_defaults, positive_int
+from support.optim import configure_optimizers, optimizer_step, paper_lr
 from support.steplog import StepLog
 
 # tldr follows the paper and Huang et al. (2024): 512 episodes per update, 4 epochs, ~1M episodes, lr by model size.
@@ -146,19 +146,24 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.05, help="KL penalty coefficient (the paper: 0.05)")
     p.add_argument("--target-kl", type=float, help="adapt beta so the KL per response tracks this many nats "
                    "(Ziegler et al. 2019); off by default: beta stays fixed")
-    p.add_argument("--kl-horizon", type=positive_int, default=10_000, help="episodes over which the adaptive beta can move")
+    p.add_argument("--kl-horizon", type=positive_int, default=10_000,
+                   help="episodes over which the adaptive beta can move")
     p.add_argument("--no-eos-score", type=float, default=-1.0, help="the score of a response without EOS")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, used in every log-prob "
                    "forward too")
     # PPO
-    p.add_argument("--episodes", type=positive_int, help="responses sampled in all (tldr: 1M, the paper's; synth: 3,200)")
-    p.add_argument("--rollout-batch-size", type=positive_int, help="responses per update, over all processes under torchrun "
+    p.add_argument("--episodes", type=positive_int,
+                   help="responses sampled in all (tldr: 1M, the paper's; synth: 3,200)")
+    p.add_argument("--rollout-batch-size", type=positive_int,
+                   help="responses per update, over all processes under torchrun "
                    "(tldr: 512)")
-    p.add_argument("--minibatch-size", type=positive_int, help="responses per optimizer step within an update, over all "
+    p.add_argument("--minibatch-size", type=positive_int,
+                   help="responses per optimizer step within an update, over all "
                    "processes")
     p.add_argument("--micro-batch-size", type=positive_int, help="responses per forward pass in each process (scoring, "
                    "training): lower it to fit memory; it changes the result only by float rounding")
-    p.add_argument("--sample-batch-size", type=positive_int, help="responses sampled at once in each process (default: on a "
+    p.add_argument("--sample-batch-size", type=positive_int,
+                   help="responses sampled at once in each process (default: on a "
                    "GPU as many as half its free memory holds, on a CPU the process's whole share of the rollout "
                    "batch); it changes the result only by float rounding")
     p.add_argument("--ppo-epochs", type=positive_int, default=4, help="passes over each rollout batch")
@@ -172,9 +177,12 @@ def parse_args(argv=None):
     p.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     # evaluation, checkpoints
-    p.add_argument("--eval-every", type=positive_int, help="updates between temperature-0 samples of fixed validation posts")
-    p.add_argument("--eval-n", type=positive_int, help="validation posts summarized then (synth: judged by the gold labeler)")
-    p.add_argument("--save-every", type=positive_int, help="updates between ppo_step<N>.pt checkpoints (and the resume state)")
+    p.add_argument("--eval-every", type=positive_int,
+                   help="updates between temperature-0 samples of fixed validation posts")
+    p.add_argument("--eval-n", type=positive_int,
+                   help="validation posts summarized then (synth: judged by the gold labeler)")
+    p.add_argument("--save-every", type=positive_int,
+                   help="updates between ppo_step<N>.pt checkpoints (and the resume state)")
     add_run_args(p, "ppo", compile="torch.compile the policy's one-token sampling step (a static KV cache, run as a "
                  "CUDA graph on a GPU; queries then keep their full padded length so every batch has one shape) and "
                  "the training forwards of policy and value: faster on GPUs after a minute or two of compiling. The "

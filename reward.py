@@ -27,13 +27,13 @@ import torch.nn.functional as F
 
 import data
 import synth
-from model import (autocast, configure_optimizers, cosine_lr, optimizer_step, paper_lr, pick_dtype, reward_at_eos,
-                   trim_padding)
+from model import autocast, pick_dtype, reward_at_eos, trim_padding
 from support import distributed
 from support.checkpoint import (CheckpointError, load_checkpoint, load_resume_state, model_from_checkpoint,
                                 save_checkpoint, save_resume_state, stop_if_not_finite)
 from support.cli import add_run_args, add_task_args, fill_task_defaults, positive_int
 from support.files import atomic_write
+from support.optim import configure_optimizers, cosine_lr, optimizer_step, paper_lr
 from support.steplog import StepLog
 
 DEFAULTS = {
@@ -54,15 +54,18 @@ def parse_args(argv=None):
     p.add_argument("--collect", action="store_true", help="synth: collect new comparisons even if files exist")
     p.add_argument("--train-posts", type=positive_int, default=10000, help="synth: training posts, one comparison each")
     p.add_argument("--valid-posts", type=positive_int, default=1000, help="synth: held-out validation posts, one each")
-    p.add_argument("--samples", type=positive_int, default=2, help="synth: SFT samples per post to pair with each other")
+    p.add_argument("--samples", type=positive_int, default=2,
+                   help="synth: SFT samples per post to pair with each other")
     p.add_argument("--temperature", type=float, default=1.0, help="synth: sampling temperature of those samples "
                    "(variety: at 0 both samples would be the same)")
     p.add_argument("--ref-fraction", type=float, default=0.25, help="synth: fraction of pairs with the reference")
     p.add_argument("--labelers", type=positive_int, default=10, help="synth: simulated labelers")
     # optimization
-    p.add_argument("--batch-size", type=positive_int, help="comparisons per optimizer step, over all processes under torchrun "
+    p.add_argument("--batch-size", type=positive_int,
+                   help="comparisons per optimizer step, over all processes under torchrun "
                    "(the paper: 64)")
-    p.add_argument("--micro-batch-size", type=positive_int, help="comparisons per forward/backward in each process (lower it "
+    p.add_argument("--micro-batch-size", type=positive_int,
+                   help="comparisons per forward/backward in each process (lower it "
                    "to fit memory)")
     p.add_argument("--lr", type=float, help="peak learning rate. tldr default: the paper's RM rates (1.5e-5 at "
                    "1.3B, 5e-6 at 6.7B) extrapolated by their power law to the model size (7.2e-5 for 124M, 1.4e-5 "
@@ -73,10 +76,12 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on 2-D weights")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     # evaluation, normalization and logging
-    p.add_argument("--eval-every", type=positive_int, help="steps between held-out accuracies on --val-size comparisons")
+    p.add_argument("--eval-every", type=positive_int,
+                   help="steps between held-out accuracies on --val-size comparisons")
     p.add_argument("--val-size", type=positive_int, help="held-out comparisons for the accuracy logged during training")
     p.add_argument("--norm-n", type=positive_int, help="training posts whose reference summaries set the bias (mean 0)")
-    p.add_argument("--save-every", type=positive_int, help="steps between resumable checkpoints (<out>/reward.resume.pt)")
+    p.add_argument("--save-every", type=positive_int,
+                   help="steps between resumable checkpoints (<out>/reward.resume.pt)")
     add_run_args(p, "reward")
     args = p.parse_args(argv)
     fill_task_defaults(args, DEFAULTS)

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import (GPT, GPTConfig, autocast, configure_optimizers, cosine_lr, optimizer_step, paper_lr, pick_dtype,
-                   sample_responses, trim_padding)
+from model import GPT, GPTConfig, autocast, pick_dtype, sample_responses, trim_padding
 from support import distributed, hf
 from support.checkpoint import (CheckpointError, load_checkpoint, load_resume_state, model_from_checkpoint,
                                 save_checkpoint, save_resume_state, stop_if_not_finite)
 from support.cli import add_run_args, add_task_args, fill_task_defaults, positive_int
+from support.optim import configure_optimizers, cosine_lr, optimizer_step, paper_lr
 from support.steplog import StepLog
 
 # Task defaults; a flag left at None takes its value from here. tldr follows the paper (batch 128, one epoch,
@@ -50,9 +50,11 @@ def parse_args(argv=None):
     p.add_argument("--n-head", type=positive_int, default=4, help="attention heads of a model built from scratch")
     p.add_argument("--n-embd", type=positive_int, default=128, help="width of a model built from scratch")
     # optimization
-    p.add_argument("--batch-size", type=positive_int, help="examples per optimizer step, over all processes under torchrun "
+    p.add_argument("--batch-size", type=positive_int,
+                   help="examples per optimizer step, over all processes under torchrun "
                    "(tldr 128, the paper's; synth 64)")
-    p.add_argument("--micro-batch-size", type=positive_int, help="examples per forward/backward in each process; gradients "
+    p.add_argument("--micro-batch-size", type=positive_int,
+                   help="examples per forward/backward in each process; gradients "
                    "accumulate over batch-size / (micro-batch-size x processes) of them (lower it to fit memory)")
     p.add_argument("--lr", type=float, help="peak learning rate. tldr default: the paper's SFT rates (6.35e-5 at "
                    "1.3B, 2.83e-5 at 6.7B) extrapolated by their power law to the model size (2.0e-4 for 124M, "

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import (GPT, GPTConfig, KVCache, autocast, configure_optimizers, last_token_index, response_logprobs,
-                   reward_at_eos, row_noise, sample_token)
+from model import (GPT, GPTConfig, KVCache, autocast, last_token_index, response_logprobs, reward_at_eos, row_noise,
+                   sample_token)
 from support import hf
+from support.optim import configure_optimizers
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = dict(vocab_size=1000, block_size=64, n_layer=2, n_head=4, n_embd=64)

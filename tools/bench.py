@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import GPT, PRESETS, GPTConfig, autocast, configure_optimizers, pick_dtype  # noqa: E402
+from model import GPT, PRESETS, GPTConfig, autocast, pick_dtype  # noqa: E402
 from support.cli import pick_device  # noqa: E402
+from support.optim import configure_optimizers  # noqa: E402
 
 SHAPES = {"tiny": dict(n_layer=4, n_head=4, n_embd=128), "124m": PRESETS["gpt2"], "355m": PRESETS["gpt2-medium"],
           "774m": PRESETS["gpt2-large"], "1558m": PRESETS["gpt2-xl"]}
