@@ -128,6 +128,9 @@ class KVCache:
     def make_static(self):
         """Switch to fixed-shape single-token steps (after the prompt's pass has filled the cache)."""
         self.static, self.at = True, torch.tensor([self.len], device=self.valid.device)
+        # Every step now reads the unwritten positions too (masked). Their memory must hold numbers: a masked key
+        # gets weight 0, but 0 * NaN left in an uninitialized value is NaN in kernels that do not skip masked keys.
+        self.kv[:, :, :, :, self.len:].zero_()
         for t in (self.kv, self.valid, self.n_real, self.at):  # the CUDA graph reads and writes them in place
             torch._dynamo.mark_static_address(t)
 
