@@ -451,16 +451,26 @@ def write_jsonl(path, objs):
     atomic_write(path, "".join(json.dumps(o) + "\n" for o in objs))
 
 
-def collect_comparisons(records, candidates, labelers, rng, ref_fraction=0.25, pairs_per_record=1, split="train",
-                        batch="synth0"):
-    """The paper's step 1 (Section 3.1): pairs of summaries of the same post, shown in random order to a random
-    labeler, the choice recorded. candidates[i] lists (policy, text) summaries of records[i] - several samples of one
-    policy are fine, as the paper mostly compared samples of its current policies with each other (Section 3.1, C.1).
-    With probability ref_fraction one side of a pair is the reference (policy "ref") instead. Returns comparison dicts
-    in the original format and key order; write them with `write_jsonl`. `rng` is a numpy Generator. A labeler is any
-    object with `.worker` and `.compare(record, text0, text1) -> (choice, confidence)`: a synth.Labeler, or a person
-    behind an interface."""
-    out = []
+def comparison_record(rec, summaries, choice, worker, split, batch, confidence=None, notes=(None, None), axes=None):
+    """One comparison in the released format and key order (FORMATS.md section 2): info, split, summaries [{text,
+    policy, note}] in the order shown, choice (0/1), worker, batch, extra {confidence: 1-9}. summaries: two
+    (policy, text) pairs. axes: for each summary a dict of the 1-7 ratings given (overall, accuracy, coverage,
+    coherence), stored as summaries[i].axes, the field the released axis evals use; left out when none was given."""
+    rows = [dict(text=as_response(text), policy=policy, note=note) for (policy, text), note in zip(summaries, notes)]
+    for row, given in zip(rows, axes or ({}, {})):
+        if given:
+            row["axes"] = dict(given)
+    return dict(info=dict(id=rec["id"], post=rec["post"], title=rec["title"], subreddit=rec["subreddit"]),
+                split=split, summaries=rows, choice=choice, worker=worker, batch=batch,
+                extra={} if confidence is None else dict(confidence=confidence))
+
+
+def make_pairs(records, candidates, rng, ref_fraction=0.25, pairs_per_record=1):
+    """The pairs of step 1 (Section 3.1): two summaries of the same post in random order. candidates[i] lists
+    (policy, text) summaries of records[i] - several samples of one policy are fine, as the paper mostly compared
+    samples of its current policies with each other (Section 3.1, C.1). With probability ref_fraction one side is the
+    reference (policy "ref") instead. Yields (record, [(policy, text), (policy, text)]) lazily, so a caller that
+    draws from the same numpy Generator `rng` between pairs keeps one fixed order of draws."""
     for rec, cands in zip(records, candidates):
         cands = list({text: (policy, text) for policy, text in cands}.values())  # two equal samples say nothing
         for _ in range(pairs_per_record):
@@ -469,14 +479,33 @@ def collect_comparisons(records, candidates, labelers, rng, ref_fraction=0.25, p
                 pair = pair[::-1] if rng.random() < 0.5 else pair
             else:
                 pair = [cands[j] for j in rng.choice(len(cands), size=2, replace=False)]
-            (p0, t0), (p1, t1) = pair
-            labeler = labelers[int(rng.integers(len(labelers)))]
-            t0, t1 = as_response(t0), as_response(t1)
-            choice, confidence = labeler.compare(rec, t0, t1)
-            out.append(dict(info=dict(id=rec["id"], post=rec["post"], title=rec["title"], subreddit=rec["subreddit"]),
-                            split=split, summaries=[dict(text=t0, policy=p0, note=None),
-                                                    dict(text=t1, policy=p1, note=None)],
-                            choice=choice, worker=labeler.worker, batch=batch, extra=dict(confidence=confidence)))
+            yield rec, pair
+
+
+def sample_candidates(policies, records, enc, task, samples=2, temperature=1.0, **sampling):
+    """`samples` summaries of each record from each policy ({name: model}) at a temperature that gives variety:
+    candidates[i] lists (name, text) for records[i], the input of `make_pairs`. sampling: batch_size, device, dtype,
+    generator for `summarize`."""
+    candidates = [[] for _ in records]
+    for name, policy in policies.items():
+        for _ in range(samples):
+            texts = summarize(policy, records, enc, task, temperature, desc=f"{name}: sampling", **sampling)
+            for cands, text in zip(candidates, texts):
+                cands.append((name, text))
+    return candidates
+
+
+def collect_comparisons(records, candidates, labelers, rng, ref_fraction=0.25, pairs_per_record=1, split="train",
+                        batch="synth0"):
+    """Step 1 with labelers at hand: each pair of `make_pairs` shown to a random labeler, the choice recorded.
+    Returns comparison dicts in the original format (`comparison_record`); write them with `write_jsonl`. A labeler
+    is any object with `.worker` and `.compare(record, text0, text1) -> (choice, confidence)`: a synth.Labeler.
+    People label through label.py's page instead."""
+    out = []
+    for rec, pair in make_pairs(records, candidates, rng, ref_fraction, pairs_per_record):
+        labeler = labelers[int(rng.integers(len(labelers)))]
+        choice, confidence = labeler.compare(rec, as_response(pair[0][1]), as_response(pair[1][1]))
+        out.append(comparison_record(rec, pair, choice, labeler.worker, split, batch, confidence))
     return out
 
 

@@ -285,10 +285,11 @@ def final_metrics(rm, arrays, records, eval_rows, r0, r1, before, after, train_r
                    steps=step, minutes=(time.time() - t_start) / 60, norm_bias=rm.score.bias.item(),
                    reference_reward_before=float(before.mean()), reference_reward_after=float(after.mean()),
                    reward_mean=float(both.mean()), reward_std=float(both.std()))
-    if args.task == "synth":
-        held = [records[i] for i in arrays["index"][eval_rows]]
-        p, se = synth.second_opinion_agreement(held, synth.make_labelers(args.labelers, seed=args.seed),
-                                               random.Random(args.seed))
+    labelers = synth.make_labelers(args.labelers, seed=args.seed) if args.task == "synth" else []
+    simulated = {x.worker for x in labelers}  # a person's labels (label.py) have no simulated second opinion
+    held = [records[i] for i in arrays["index"][eval_rows] if records[i]["worker"] in simulated]
+    if held:
+        p, se = synth.second_opinion_agreement(held, labelers, random.Random(args.seed))
         metrics.update(labeler_agreement=p, labeler_agreement_stderr=se)
     return metrics
 
@@ -297,10 +298,11 @@ def print_report(metrics, args, out):
     for name, rep in metrics["accuracy"].items():
         o = rep["overall"]
         print(f"reward: {name} held-out accuracy {o['accuracy']:.3f} +- {o['stderr']:.3f} (n={o['n']:,})")
-        for field in ("per_split", "per_confidence"):
-            print("  " + field.removeprefix("per_") + ": " + ", ".join(
-                f"{k} {v['accuracy']:.3f}+-{v['stderr']:.3f}" for k, v in rep[field].items()))
-    if args.task == "synth":
+        for field in ("per_split", "per_confidence", "per_batch"):  # a batch: a file, e.g. your labels
+            if field != "per_batch" or len(rep[field]) > 1:
+                print("  " + field.removeprefix("per_") + ": " + ", ".join(
+                    f"{k} {v['accuracy']:.3f}+-{v['stderr']:.3f}" for k, v in rep[field].items()))
+    if "labeler_agreement" in metrics:
         print(f"reward: simulated labelers agree with each other {metrics['labeler_agreement']:.3f} +- "
               f"{metrics['labeler_agreement_stderr']:.3f} on the same pairs (the ceiling)")
     print(f"reward: references score {metrics['reference_reward_before']:.3f} -> "

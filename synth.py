@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from data import (PAT_ASCII, SYNTH_TOKENIZER, TASKS, TEMPLATES, DataError, as_response, collect_comparisons,
-                  format_query, get_tokenizer, load_split, summarize, write_jsonl)
+                  format_query, get_tokenizer, load_split, sample_candidates, write_jsonl)
 from support.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from support.files import atomic_write
 
@@ -401,12 +401,7 @@ def collect(policies, records, enc, labelers, rng, samples=2, temperature=1.0, r
     random labelers. Pairing every sample with its reference instead teaches a reward model the style gap more than
     quality (measured: 65% held-out accuracy against 76% labeler agreement). sampling: batch_size, device, dtype,
     generator for data.summarize. Returns comparison dicts in the original format, policies named."""
-    candidates = [[] for _ in records]
-    for name, policy in policies.items():
-        for _ in range(samples):
-            texts = summarize(policy, records, enc, "synth", temperature, desc=f"{name}: sampling {split}", **sampling)
-            for cands, text in zip(candidates, texts):
-                cands.append((name, text))
+    candidates = sample_candidates(policies, records, enc, "synth", samples, temperature, **sampling)
     return collect_comparisons(records, candidates, labelers, rng, ref_fraction, 1, split, batch)
 
 

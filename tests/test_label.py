@@ -1,0 +1,297 @@
+"""label.py over real HTTP (the standard library's client against its server): the released format, a kill and a
+restart, bad requests, the token, and training a reward model on what people labelled."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data
+import label
+import reward
+import synth
+from support.label_server import PAGE, make_server, serve_in_thread
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Client:
+    """Calls a running label server the way the page does."""
+
+    def __init__(self, url):
+        self.base, self.token = url.split("/?token=")
+
+    def call(self, path, body=None, token=None, headers=None, raw=None, method=None):
+        """-> (status, JSON reply)."""
+        payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        h = {"X-Label-Token": self.token if token is None else token, "Content-Type": "application/json"}
+        h.update(headers or {})
+        req = urllib.request.Request(self.base + path, data=payload, headers={k: v for k, v in h.items() if v},
+                                     method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as res:
+                return res.status, json.loads(res.read())
+        except urllib.error.HTTPError as e:
+            body = e.read()
+            return e.code, (json.loads(body) if body.startswith(b"{") else body.decode())
+
+    def state(self, worker):
+        status, reply = self.call(f"/api/state?worker={worker}")
+        assert status == 200, reply
+        return reply
+
+    def judge(self, worker, confidence, **extra):
+        key = self.state(worker)["pair"]["key"]
+        status, reply = self.call("/api/judge", dict(worker=worker, pair=key, confidence=confidence, **extra))
+        assert status == 200, reply
+        return reply
+
+
+@pytest.fixture
+def served(tmp_path):
+    """Start a label server in this process on the pairs `args` draw; yields a Client; stops it after."""
+    servers = []
+
+    def start(argv):
+        args = label.parse_args(argv + ["--port", "0", "--quiet"])
+        labels = label.Labels(args.out, label.load_or_make_pairs(args), args.batch, args.seed)
+        server = make_server(labels, args.host, 0, quiet=True)
+        serve_in_thread(server)
+        servers.append(server)
+        return Client(server.url), labels
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def synth_comparisons(tmp_path, n=12):
+    """A comparisons file of synthetic posts judged by simulated labelers (for --relabel)."""
+    records = [synth.synth_record(0, "valid", i) for i in range(n)]
+    candidates = [[("sft", synth.perturb_summary(r, "drop_fact")), ("ppo", synth.perfect_summary(r))] for r in records]
+    comps = data.collect_comparisons(records, candidates, synth.make_labelers(3), np.random.default_rng(0), 0.25)
+    path = tmp_path / "simulated.json"
+    data.write_jsonl(path, comps)
+    return path, comps
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_labels_of_sampled_pairs_are_the_released_format_and_train_a_reward_model(stages, served, tmp_path):
+    root, common = stages
+    out = tmp_path / "me.json"
+    client, labels = served(["--policies", str(root / "out" / "sft.pt"), "--data-dir", str(root / "data"),
+                             "--n-pairs", "40", "--out", str(out), "--valid-fraction", "0.25"])
+    pairs = labels.pairs
+    assert len(pairs) == 40 and {p["split"] for p in pairs} == {"train", "valid2"}
+    assert all(p["summaries"][0][0] in ("sft_t0.7", "ref") and p["summaries"][0][1] != p["summaries"][1][1]
+               for p in pairs)
+    shown = []
+    for i in range(40):
+        state = client.state("ann")
+        assert state["done"] == i and state["total"] == 40
+        assert "policy" not in json.dumps(state)  # the person never sees which policy wrote what
+        shown.append(state["pair"]["summaries"])
+        extra = dict(axes=[{"overall": 6, "coverage": 5}, {}], notes=["clear", ""]) if i == 0 else {}
+        client.judge("ann", [2, 8, 4, 9][i % 4], **extra)
+    assert client.state("ann")["pair"] is None and client.state("ann")["done"] == 40
+
+    lines = out.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) == 41
+    for i, line in enumerate(lines[:-1]):
+        obj = json.loads(line)
+        assert line.decode() == json.dumps(obj)  # byte for byte the released files' json.dumps defaults
+        assert list(obj) == ["info", "split", "summaries", "choice", "worker", "batch", "extra"]
+        assert list(obj["info"]) == ["id", "post", "title", "subreddit"] and obj["worker"] == "ann"
+        assert obj["batch"] == "me" and obj["extra"]["confidence"] == [2, 8, 4, 9][i % 4]
+        assert obj["choice"] == (0 if obj["extra"]["confidence"] < 5 else 1)
+        assert [s["text"] for s in obj["summaries"]] == shown[i]  # summaries[0] is what the person saw on the left
+    first = json.loads(lines[0])["summaries"]
+    assert first[0]["axes"] == {"overall": 6, "coverage": 5} and first[0]["note"] == "clear"
+    assert "axes" not in first[1] and first[1]["note"] is None
+    assert len(data.read_comparisons(out)) == 40
+
+    # the reward model trains on the person's labels alone, and beside the simulated ones
+    for name, files in (("alone", [out]), ("mixed", [root / "out" / "comparisons" / f"synth_{s}.json"
+                                                      for s in ("train", "valid")] + [out])):
+        rm_out = tmp_path / name
+        reward.main(common[:4] + ["--out-dir", str(rm_out), "--cache-dir", str(tmp_path / "cache"), "--sft",
+                                  str(root / "out" / "sft.pt"), "--comparisons", *map(str, files),
+                                  "--batch-size", "8", "--norm-n", "16", "--val-size", "8"])
+        metrics = json.loads((rm_out / "reward.json").read_text())
+        mine = metrics["accuracy"]["synth"]["per_batch"]["me"]  # the RM's agreement with the person, held out
+        assert mine["n"] == sum(p["split"] == "valid2" for p in pairs)
+        assert ("labeler_agreement" in metrics) == (name == "mixed")  # no simulated second opinion of a person
+
+
+def test_bad_requests_are_refused_and_never_touch_the_file(served, tmp_path):
+    path, _ = synth_comparisons(tmp_path)
+    out = tmp_path / "labels.json"
+    client, _ = served(["--relabel", str(path), "--out", str(out)])
+    pair = client.state("ann")["pair"]["key"]
+    client.judge("ann", 3)
+    before = out.read_bytes()
+    good = dict(worker="ann", pair=client.state("ann")["pair"]["key"], confidence=7)
+    cases = [
+        (403, "X-Label-Token", dict(body=good, token="")),
+        (403, "X-Label-Token", dict(body=good, token="not-the-token")),
+        (403, "cross-site", dict(body=good, headers={"Origin": "http://evil.example"})),
+        (415, "application/json", dict(body=good, headers={"Content-Type": "text/plain"})),
+        (400, "not JSON", dict(raw=b"{confidence: 7")),
+        (400, "JSON object", dict(raw=b"[1, 2]")),
+        (413, "bytes", dict(raw=b" " * (1 << 17))),
+        (400, "no 5", dict(body=dict(good, confidence=5))),
+        (400, "confidence", dict(body=dict(good, confidence="7"))),
+        (400, "confidence", dict(body=dict(good, confidence=True))),
+        (400, "from 1 to 7", dict(body=dict(good, axes=[{"overall": 8}, {}]))),
+        (400, "unknown axis", dict(body=dict(good, axes=[{"style": 3}, {}]))),
+        (400, "two objects", dict(body=dict(good, axes=[{"overall": 3}]))),
+        (400, "notes", dict(body=dict(good, notes=["a", 3]))),
+        (400, "longer than", dict(body=dict(good, notes=["x" * 5000, None]))),
+        (400, "worker id", dict(body=dict(good, worker="<script>"))),
+        (400, "worker id", dict(body=dict(good, worker=""))),
+        (404, "no pair", dict(body=dict(good, pair="0123456789abcdef"))),
+        (409, "already labelled", dict(body=dict(good, pair=pair))),
+    ]
+    for status, words, kwargs in cases:
+        got, reply = client.call("/api/judge", **kwargs)
+        assert (got, words in str(reply)) == (status, True), (kwargs, got, reply)
+    assert client.call("/api/state?worker=ann", token="wrong")[0] == 403
+    assert client.call("/api/nothing")[0] == 404
+    assert client.call("/api/judge", body=good, method="PUT")[0] == 405
+    assert out.read_bytes() == before  # nothing written by any of them
+    client.judge("ann", 7)  # and the good one still goes through
+    assert len(out.read_bytes().splitlines()) == 2
+
+
+def test_the_page_needs_the_token_and_never_inserts_text_as_markup(served, tmp_path):
+    path, _ = synth_comparisons(tmp_path)
+    client, _ = served(["--relabel", str(path), "--out", str(tmp_path / "labels.json")])
+    for query in ("", "?token=wrong"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(client.base + "/" + query, timeout=30)
+        assert err.value.code == 403
+    with urllib.request.urlopen(f"{client.base}/?token={client.token}", timeout=30) as res:
+        csp, html = res.headers["Content-Security-Policy"], res.read().decode()
+    nonce = re.search(r"'nonce-([^']+)'", csp).group(1)
+    assert f'<script nonce="{nonce}">' in html and "default-src 'none'" in csp  # only the page's own script runs
+    assert client.token not in html  # the token stays in the address, never in a page a cache could keep
+    # Text from the server only ever goes in as text; the browser test checks a post full of markup for real.
+    assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write", PAGE.read_text())
+
+
+def test_relabelling_reports_agreement_with_the_original_labelers_and_the_gold_rubric(served, tmp_path, capsys):
+    path, comps = synth_comparisons(tmp_path, n=16)
+    out = tmp_path / "relabel.json"
+    client, labels = served(["--relabel", str(path), "--out", str(out)])
+    # ann picks what the gold rubric prefers (the left summary where gold ties); bob always picks the left one
+    gold_agree = orig_agree = 0
+    for _ in range(16):
+        state = client.state("ann")
+        pair = labels.by_key[state["pair"]["key"]]
+        texts = state["pair"]["summaries"]
+        gold = [synth.gold_score(pair["info"], t)["total"] for t in texts]
+        pick = int(gold[1] > gold[0])
+        client.judge("ann", 8 if pick else 2)
+        gold_agree += gold[0] != gold[1]
+        orig_agree += texts[pick] in pair["originals"]
+    for _ in range(5):
+        client.judge("bob", 1)
+    ann = client.state("ann")
+    assert ann["gold"] == dict(agree=gold_agree, n=gold_agree) and ann["original"] == dict(agree=orig_agree, n=16)
+    label.main(["--out", str(out), "--report"])
+    text = capsys.readouterr().out
+    p = orig_agree / 16
+    assert f"with the original labelers {p:.1%} +- {(p * (1 - p) / 16) ** 0.5:.1%} ({orig_agree}/16)" in text
+    assert f"agrees with the gold rubric 100.0% +- 0.0% ({gold_agree}/{gold_agree})" in text
+    assert "bob: 5 labelled" in text and "between people, on pairs labelled by two or more" in text
+
+
+def test_a_killed_server_loses_nothing_and_everyone_continues_where_they_were(tmp_path):
+    path, _ = synth_comparisons(tmp_path)
+    out = tmp_path / "labels.json"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+    def start(*flags):
+        proc = subprocess.Popen([sys.executable, str(ROOT / "label.py"), "--out", str(out), "--port", "0", "--quiet",
+                                 *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        for line in proc.stdout:
+            if "open http" in line:
+                return proc, Client(line.split("open ")[1].strip())
+        raise AssertionError(f"label.py did not start: {proc.wait()}")
+
+    proc, client = start("--relabel", str(path))
+    seen = [client.state("ann")["pair"]["key"]]
+    for confidence in (1, 9, 4):
+        seen.append(client.judge("ann", confidence)["pair"]["key"])
+    client.judge("bob", 6)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = out.read_bytes()
+    assert len(written.splitlines()) == 4  # every acknowledged judgement is on disk
+
+    proc, again = start()  # no flags: the same pairs, from labels.json.pairs.json
+    try:
+        assert again.call("/api/state?worker=ann", token=client.token)[0] == 403  # a new token each start
+        ann = again.state("ann")
+        assert ann["done"] == 3 and ann["pair"]["key"] == seen[3]  # the next pair, not a repeat
+        assert again.state("bob")["done"] == 1 and again.state("carol")["done"] == 0
+        again.judge("ann", 2)
+        assert out.read_bytes().startswith(written) and len(out.read_bytes().splitlines()) == 5
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_torn_last_line_is_set_aside_and_other_flags_are_refused(tmp_path, capsys):
+    path, _ = synth_comparisons(tmp_path)
+    out = tmp_path / "labels.json"
+    args = label.parse_args(["--relabel", str(path), "--out", str(out)])
+    labels = label.Labels(out, label.load_or_make_pairs(args), "labels", 0)
+    labels.judge(dict(worker="ann", pair=labels.state("ann")["pair"]["key"], confidence=2))
+    good = out.read_bytes()
+    out.write_bytes(good + b'{"info": {"id": "synth1_0_val')  # a power cut in the middle of an append
+    labels = label.Labels(out, labels.pairs, "labels", 0)
+    assert out.read_bytes() == good and labels.state("ann")["done"] == 1
+    assert (tmp_path / "labels.json.torn").read_bytes().startswith(b'{"info"')
+    assert "cut short" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--n-pairs 7 but .* was drawn with 50"):
+        label.load_or_make_pairs(label.parse_args(["--relabel", str(path), "--out", str(out), "--n-pairs", "7"]))
+    with pytest.raises(SystemExit, match="does not exist yet: give --policies or --relabel"):
+        label.load_or_make_pairs(label.parse_args(["--out", str(tmp_path / "other.json")]))
+    with pytest.raises(data.DataError, match="synthetic posts, but --task tldr"):
+        label.load_or_make_pairs(label.parse_args(["--relabel", str(path), "--task", "tldr",
+                                                   "--out", str(tmp_path / "x.json")]))
+
+
+SAMPLE = ROOT.parent / "shared" / "data" / "openai-sample" / "comparisons"
+
+
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"real sample files not found at {SAMPLE}")
+def test_openai_comparisons_are_relabelled_as_reddit_posts_and_cnndm_is_refused(served, tmp_path):
+    client, labels = served(["--relabel", str(SAMPLE / "batch18.json"), "--n-pairs", "10",
+                             "--out", str(tmp_path / "b18.json")])
+    originals = data.read_comparisons(SAMPLE / "batch18.json")
+    assert len(labels.pairs) == 10 and all(p["info"]["id"].startswith("t3_") for p in labels.pairs)
+    state = client.state("ann")
+    pair = labels.by_key[state["pair"]["key"]]
+    same = [c for c in originals if label.pair_key(c, c["summaries"]) == pair["key"]]
+    assert same and sorted(pair["originals"]) == sorted(c["summaries"][c["choice"]] for c in same)
+    left_is_original = state["pair"]["summaries"][0] in pair["originals"]
+    assert client.judge("ann", 1 if left_is_original else 9)["original"] == dict(agree=len(same), n=len(same))
+    written = json.loads((tmp_path / "b18.json").read_text())
+    assert written["split"] == same[0]["split"]
+    assert {s["policy"] for s in written["summaries"]} == set(same[0]["policies"])
+    with pytest.raises(data.DataError, match="no comparisons of Reddit posts"):
+        label.load_or_make_pairs(label.parse_args(["--relabel", str(SAMPLE / "cnndm0.json"),
+                                                   "--out", str(tmp_path / "cnn.json")]))
