@@ -8,10 +8,11 @@ step 1, with the interface of its appendix C), written in the released compariso
     python label.py --out labels/me.json --report    # agreement with the gold rubric and the original labelers
     python reward.py --comparisons labels/me.json --sft out/synth/sft.pt --out-dir out/me --batch-size 16
 
-The pairs. Two summaries of one post: samples of policies (sft.pt / ppo.pt checkpoints) at the temperature the
-paper collected at, with the reference summary as one more "policy" (--ref-fraction), or the pairs of an existing
-comparisons file (--relabel: the paper's researcher-labeler agreement, Section 3.3 and C.2). They are drawn once and
-kept in <out>.pairs.json, so a restarted server shows the same ones.
+The pairs. Two summaries of one post: samples of policies (sft.pt / ppo.pt checkpoints) at a temperature that gives
+variety (0.7: most released samples whose policy name gives a temperature), with the reference summary as one more
+"policy" (--ref-fraction), or the pairs of an existing comparisons file (--relabel: the paper's researcher-labeler
+agreement, Section 3.3 and C.2). They are drawn once and kept in <out>.pairs.json, so a restarted server shows the
+same ones.
 
 The page. The post and the two summaries, left and right in an order drawn for each person; the 9-point scale of
 the released data (1 = the left summary is definitely better ... 9 = the right one is; there is no 5, the released
@@ -72,8 +73,8 @@ def parse_args(argv=None):
                      help="posts to sample pairs for (train: the RM can train on the labels)")
     src.add_argument("--n-pairs", type=positive_int, default=50, help="pairs to label (one post each)")
     src.add_argument("--samples", type=positive_int, default=2, help="samples per post from each policy")
-    src.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (the released data's "
-                     "policies were mostly sampled at 0.7; 0 gives every policy one summary)")
+    src.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (most released samples whose "
+                     "policy name gives one say 0.7; at 0 each policy writes one summary per post)")
     src.add_argument("--ref-fraction", type=float, default=0.25, help="fraction of pairs with the reference summary")
     src.add_argument("--valid-fraction", type=float, default=0.2, help="fraction of train-split pairs marked held "
                      "out (split valid2), so a reward model trained on the labels can be checked against you")
@@ -132,11 +133,16 @@ def pairs_from_policies(args):
     gen = torch.Generator(device=device).manual_seed(args.seed)
     candidates = data.sample_candidates(policies, posts, enc, args.task, args.samples, args.temperature,
                                         batch_size=64, device=device, dtype=pick_dtype(device, "auto"), generator=gen)
-    pairs = []
+    pairs, same = [], 0
     for rec, summaries in data.make_pairs(posts, candidates, rng, args.ref_fraction):
         held_out = args.split != "train" or rng.random() < args.valid_fraction
+        if data.as_response(summaries[0][1]) == data.as_response(summaries[1][1]):
+            same += 1  # a sample that is word for word the reference: nothing to judge
+            continue
         info = dict(id=rec["id"], post=rec["post"], title=rec["title"], subreddit=rec["subreddit"])
         pairs.append(make_pair(info, summaries, "valid2" if held_out else "train"))
+    if same:
+        print(f"label.py: left out {same} of {len(posts)} pairs whose two summaries are the same text")
     return pairs
 
 
@@ -166,7 +172,11 @@ def load_or_make_pairs(args):
     draw other pairs is an error naming it), else drawn now and written there before anything is served."""
     path = Path(str(args.out) + ".pairs.json")
     if path.exists():
-        saved = json.loads(path.read_text(encoding="utf-8"))["settings"]
+        try:
+            saved, pairs = (json.loads(path.read_text(encoding="utf-8"))[k] for k in ("settings", "pairs"))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise data.DataError(f"{path}: not a pairs file written by label.py ({type(e).__name__}: {e}); move it "
+                                 "away to draw new pairs") from None
         if args.policies or args.relabel:
             args.task = args.task or saved["task"]
             changed = [k for k in PAIR_SETTINGS if getattr(args, k) != saved[k]]
@@ -177,7 +187,7 @@ def load_or_make_pairs(args):
                              f"was drawn with {saved[k]}" for k in changed)
                              + ". Label these pairs with the same flags (or none), or choose another --out")
         args.task = saved["task"]
-        return json.loads(path.read_text(encoding="utf-8"))["pairs"]
+        return pairs
     if not (args.policies or args.relabel):
         raise SystemExit(f"label.py: error: {path} does not exist yet: give --policies or --relabel to draw pairs")
     pairs = pairs_from_policies(args) if args.policies else pairs_from_comparisons(args)
@@ -383,7 +393,10 @@ def main(argv=None):
     labels = Labels(args.out, pairs, args.batch, args.seed)
     if args.report:
         return report(labels)
-    server = make_server(labels, args.host, args.port, quiet=args.quiet)
+    try:
+        server = make_server(labels, args.host, args.port, quiet=args.quiet)
+    except OSError as e:
+        raise OSError(f"cannot listen on --host {args.host} --port {args.port}: {e.strerror or e}") from None
     print(f"label.py: {len(pairs)} pairs, judgements appended to {args.out}\n"
           f"label.py: open {server.url}\n(Ctrl-C stops; every judgement is already on disk)", flush=True)
     try:

@@ -70,9 +70,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._error(404, f"no such page: {url.path}")
 
     def do_POST(self):
+        raw = self._read_body()  # first, whatever the answer: a reply that leaves a body unread can be reset
         if urlsplit(self.path).path != "/api/judge":
             return self._error(404, f"no such address: {urlsplit(self.path).path}")
-        self._api(lambda: self.app.judge(self._json_body()))
+        self._api(lambda: self.app.judge(self._json_body(raw)))
 
     def _method_not_allowed(self):
         self._error(405, f"{self.command} is not used here: GET the page and state, POST judgements")
@@ -100,16 +101,24 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(500, f"server error: {type(e).__name__}: {e}")
         self._send(200, "application/json", json.dumps(reply).encode())
 
-    def _json_body(self):
-        if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
-            raise RequestError(415, "send the judgement as Content-Type: application/json")
+    def _read_body(self):
+        """The request body as bytes (at most MAX_BODY), or a RequestError to answer with."""
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
-            raise RequestError(411, "Content-Length is missing or not a number") from None
-        if not 0 < length <= MAX_BODY:
-            raise RequestError(413, f"a body of {length} bytes (a judgement is at most {MAX_BODY})")
-        raw = self.rfile.read(length)
+            return RequestError(411, "Content-Length is missing or not a number")
+        if length > MAX_BODY:
+            self.close_connection = True
+            if length <= 16 * MAX_BODY:
+                self.rfile.read(length)
+            return RequestError(413, f"a body of {length} bytes (a judgement is at most {MAX_BODY})")
+        return self.rfile.read(length) if length > 0 else RequestError(400, "an empty body")
+
+    def _json_body(self, raw):
+        if isinstance(raw, RequestError):
+            raise raw
+        if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+            raise RequestError(415, "send the judgement as Content-Type: application/json")
         try:
             body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -149,6 +149,7 @@ def test_bad_requests_are_refused_and_never_touch_the_file(served, tmp_path):
         (400, "not JSON", dict(raw=b"{confidence: 7")),
         (400, "JSON object", dict(raw=b"[1, 2]")),
         (413, "bytes", dict(raw=b" " * (1 << 17))),
+        (400, "empty body", dict(raw=b"")),
         (400, "no 5", dict(body=dict(good, confidence=5))),
         (400, "confidence", dict(body=dict(good, confidence="7"))),
         (400, "confidence", dict(body=dict(good, confidence=True))),
@@ -295,3 +296,14 @@ def test_openai_comparisons_are_relabelled_as_reddit_posts_and_cnndm_is_refused(
     with pytest.raises(data.DataError, match="no comparisons of Reddit posts"):
         label.load_or_make_pairs(label.parse_args(["--relabel", str(SAMPLE / "cnndm0.json"),
                                                    "--out", str(tmp_path / "cnn.json")]))
+
+
+def test_a_busy_port_and_a_damaged_pairs_file_are_clear_errors(served, tmp_path):
+    path, _ = synth_comparisons(tmp_path)
+    client, labels = served(["--relabel", str(path), "--out", str(tmp_path / "a.json")])
+    port = client.base.rsplit(":", 1)[1]
+    with pytest.raises(OSError, match=f"cannot listen on --host 127.0.0.1 --port {port}"):
+        label.main(["--out", str(tmp_path / "a.json"), "--port", port, "--quiet"])
+    (tmp_path / "b.json.pairs.json").write_text('{"settings": {"task": "syn')
+    with pytest.raises(data.DataError, match="b.json.pairs.json: not a pairs file written by label.py"):
+        label.main(["--out", str(tmp_path / "b.json")])
