@@ -282,7 +282,7 @@ class Labels:
         """Check a posted judgement, append it as one comparison line (synced), and return the worker's new state.
         Nothing is written for a bad or repeated one."""
         worker = check_worker(body.get("worker"))
-        pair = self.by_key.get(body.get("pair"))
+        pair = self.by_key.get(body.get("pair")) if isinstance(body.get("pair"), str) else None
         if pair is None:
             raise RequestError(404, f"no pair {body.get('pair')!r} in this session")
         confidence, axes, notes = clean_judgement(body, pair)

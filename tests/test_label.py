@@ -161,6 +161,7 @@ def test_bad_requests_are_refused_and_never_touch_the_file(served, tmp_path):
         (400, "worker id", dict(body=dict(good, worker="<script>"))),
         (400, "worker id", dict(body=dict(good, worker=""))),
         (404, "no pair", dict(body=dict(good, pair="0123456789abcdef"))),
+        (404, "no pair", dict(body=dict(good, pair=["a list"]))),
         (409, "already labelled", dict(body=dict(good, pair=pair))),
     ]
     for status, words, kwargs in cases:
