@@ -29,10 +29,12 @@ agreement with you; alone, or beside simulated comparisons.
 """
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
 import sys
+import tempfile
 import threading
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -52,7 +54,7 @@ AXES = ("overall", "accuracy", "coverage", "coherence")  # the paper's Likert ax
 CONFIDENCE = (1, 2, 3, 4, 6, 7, 8, 9)  # the released scale: 1-4 summary 0 better (1 surest), 6-9 summary 1
 MAX_NOTE = 4000
 PAIR_SETTINGS = ("task", "policies", "relabel", "split", "n_pairs", "samples", "temperature", "ref_fraction",
-                 "valid_fraction", "seed")
+                 "valid_fraction", "seed", "batch")
 
 
 def parse_args(argv=None):
@@ -76,8 +78,9 @@ def parse_args(argv=None):
     src.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (most released samples whose "
                      "policy name gives one say 0.7; at 0 each policy writes one summary per post)")
     src.add_argument("--ref-fraction", type=float, default=0.25, help="fraction of pairs with the reference summary")
-    src.add_argument("--valid-fraction", type=float, default=0.2, help="fraction of train-split pairs marked held "
-                     "out (split valid2), so a reward model trained on the labels can be checked against you")
+    src.add_argument("--valid-fraction", type=float, default=0.2, help="with --split train: this fraction of the "
+                     "pairs is of valid-split posts, marked held out (valid2), so a reward model trained on the rest "
+                     "is checked against you on posts no stage trained on")
     src.add_argument("--seed", type=int, default=0, help="seed of the posts, samples, pairs and left/right orders")
     srv = p.add_argument_group("the server")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but 127.0.0.1 lets other "
@@ -92,7 +95,6 @@ def parse_args(argv=None):
     for flag in ("ref_fraction", "valid_fraction"):
         if not 0 <= getattr(args, flag) <= 1:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a fraction between 0 and 1")
-    args.batch = args.batch or Path(args.out).stem
     return args
 
 
@@ -127,20 +129,32 @@ def pairs_from_policies(args):
         if name in policies:
             name = f"{Path(path).parent.name}/{name}"  # out/a/ppo.pt and out/b/ppo.pt
         policies[name] = model_from_checkpoint(ckpt).to(device).eval()
-    posts = data.load_split(args.task, args.split, args.data_dir or data.TASKS[args.task]["data_dir"])
+    if args.task == "tldr" and args.split == "transfer":
+        raise data.DataError("--task tldr --split transfer: CNN/DM articles, but the page shows Reddit posts")
     rng = np.random.default_rng(args.seed)
-    posts = [posts[i] for i in sorted(rng.permutation(len(posts))[:args.n_pairs])]
+    # Held-out pairs are of posts no stage trained on (the valid split), as the paper's valid1/valid2 comparisons:
+    # a reward model trained on the other pairs is then checked against the person on unseen posts.
+    n_held = round(args.n_pairs * args.valid_fraction) if args.split == "train" else args.n_pairs
+    posts, splits = [], []
+    sources = ([("train", args.n_pairs - n_held, "train"), ("valid", n_held, "valid2")] if args.split == "train"
+               else [(args.split, args.n_pairs, "valid2")])
+    for split, n, name in sources:
+        if n:
+            pool = data.load_split(args.task, split, args.data_dir or data.TASKS[args.task]["data_dir"])
+            posts += [pool[i] for i in sorted(rng.permutation(len(pool))[:n])]
+            splits += [name] * (len(posts) - len(splits))
+    order = rng.permutation(len(posts))  # held-out pairs spread among the others
+    posts, splits = [posts[i] for i in order], [splits[i] for i in order]
     gen = torch.Generator(device=device).manual_seed(args.seed)
     candidates = data.sample_candidates(policies, posts, enc, args.task, args.samples, args.temperature,
                                         batch_size=64, device=device, dtype=pick_dtype(device, "auto"), generator=gen)
     pairs, same = [], 0
-    for rec, summaries in data.make_pairs(posts, candidates, rng, args.ref_fraction):
-        held_out = args.split != "train" or rng.random() < args.valid_fraction
+    for split, (rec, summaries) in zip(splits, data.make_pairs(posts, candidates, rng, args.ref_fraction)):
         if data.as_response(summaries[0][1]) == data.as_response(summaries[1][1]):
             same += 1  # a sample that is word for word the reference: nothing to judge
             continue
         info = dict(id=rec["id"], post=rec["post"], title=rec["title"], subreddit=rec["subreddit"])
-        pairs.append(make_pair(info, summaries, "valid2" if held_out else "train"))
+        pairs.append(make_pair(info, summaries, split))
     if same:
         print(f"label.py: left out {same} of {len(posts)} pairs whose two summaries are the same text")
     return pairs
@@ -168,28 +182,32 @@ def pairs_from_comparisons(args):
 
 
 def load_or_make_pairs(args):
-    """The pairs of this --out: read from <out>.pairs.json when it exists (given a source of pairs, a flag that would
-    draw other pairs is an error naming it), else drawn now and written there before anything is served."""
+    """The pairs of this --out: read from <out>.pairs.json when it exists, else drawn now and written there before
+    anything is served. An existing file's settings (seed, batch, ...) are restored; given a source of pairs, a flag
+    that would draw other pairs is an error naming it."""
     path = Path(str(args.out) + ".pairs.json")
     if path.exists():
         try:
-            saved, pairs = (json.loads(path.read_text(encoding="utf-8"))[k] for k in ("settings", "pairs"))
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            settings, pairs = saved["settings"], saved["pairs"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise data.DataError(f"{path}: not a pairs file written by label.py ({type(e).__name__}: {e}); move it "
                                  "away to draw new pairs") from None
         if args.policies or args.relabel:
-            args.task = args.task or saved["task"]
-            changed = [k for k in PAIR_SETTINGS if getattr(args, k) != saved[k]]
+            args.task, args.batch = args.task or settings["task"], args.batch or Path(args.out).stem
+            changed = [k for k in PAIR_SETTINGS if getattr(args, k) != settings.get(k)]
         else:
-            changed = ["task"] if args.task not in (None, saved["task"]) else []
+            changed = [k for k in ("task", "batch") if getattr(args, k) not in (None, settings.get(k))]
         if changed:
             raise SystemExit("label.py: error: " + "; ".join(f"--{k.replace('_', '-')} {getattr(args, k)} but {path} "
-                             f"was drawn with {saved[k]}" for k in changed)
+                             f"was drawn with {settings.get(k)}" for k in changed)
                              + ". Label these pairs with the same flags (or none), or choose another --out")
-        args.task = saved["task"]
+        for k in PAIR_SETTINGS:
+            setattr(args, k, settings.get(k, getattr(args, k)))
         return pairs
     if not (args.policies or args.relabel):
         raise SystemExit(f"label.py: error: {path} does not exist yet: give --policies or --relabel to draw pairs")
+    args.batch = args.batch or Path(args.out).stem
     pairs = pairs_from_policies(args) if args.policies else pairs_from_comparisons(args)
     atomic_write(path, json.dumps(dict(settings={k: getattr(args, k) for k in PAIR_SETTINGS}, pairs=pairs)) + "\n")
     print(f"label.py: drew {len(pairs)} pairs into {path}")
@@ -214,7 +232,7 @@ def shown_order(pair, worker, seed):
 # ----------------------------------------------------------------------------------------------------------------
 # the judgements: validated, appended at once, tallied
 
-def clean_judgement(body, pair):
+def clean_judgement(body):
     """The confidence, axes and notes of a posted judgement, or RequestError(400) naming the bad field."""
     confidence = body.get("confidence")
     if not isinstance(confidence, int) or isinstance(confidence, bool) or confidence not in CONFIDENCE:
@@ -232,22 +250,21 @@ def clean_judgement(body, pair):
         raise RequestError(400, "notes should be a list of two strings (or nulls), one per summary as shown")
     if any(n and len(n) > MAX_NOTE for n in notes):
         raise RequestError(400, f"a note is longer than {MAX_NOTE} characters")
-    return confidence, axes, [n.strip() or None if n else None for n in notes]
+    return confidence, axes, [(n.strip() or None) if n else None for n in notes]
 
 
 class Labels:
     """The labeling app: the pairs, who has labelled what, and the comparisons file. state() and judge() are what the
     HTTP API calls (support/label_server.py); a lock makes each judgement's check-and-append atomic."""
 
-    def __init__(self, out, pairs, batch, seed):
+    def __init__(self, out, pairs, batch, seed, serving=False):
         self.out, self.pairs, self.batch, self.seed = Path(out), pairs, batch, seed
         self.by_key = {p["key"]: p for p in pairs}
         self.done = defaultdict(set)  # worker -> keys of the pairs they labelled
         self.tally = defaultdict(Counter)  # worker -> gold_agree/gold_n/orig_agree/orig_n
         self.lock = threading.Lock()
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        keep_complete_lines(self.out)
-        for comp in data.read_comparisons(self.out) if self.out.exists() else []:
+        for comp in read_labels(self.out, repair=serving):
             key = pair_key(comp, comp["summaries"])
             if key in self.by_key:
                 self._count(comp["worker"], self.by_key[key], comp["summaries"][comp["choice"]])
@@ -285,7 +302,7 @@ class Labels:
         pair = self.by_key.get(body.get("pair")) if isinstance(body.get("pair"), str) else None
         if pair is None:
             raise RequestError(404, f"no pair {body.get('pair')!r} in this session")
-        confidence, axes, notes = clean_judgement(body, pair)
+        confidence, axes, notes = clean_judgement(body)
         order = shown_order(pair, worker, self.seed)
         shown = [pair["summaries"][i] for i in order]  # the file keeps the order the person saw
         choice = 0 if confidence < 5 else 1
@@ -306,12 +323,23 @@ def check_worker(worker):
 
 
 def append_line(path, line):
-    """Append one line and make it durable before returning: flushed, fsynced (and the folder, for a new file)."""
-    new = not path.exists()
-    with open(path, "a", encoding="ascii") as f:  # json.dumps escapes non-ASCII, as the released files do
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one line and make it durable before returning: written, fsynced (and the folder, for a new file). A
+    write that fails half way is cut back off, so the file never holds half a judgement that a retry would follow."""
+    new, raw = not path.exists(), line.encode("ascii")  # json.dumps escapes non-ASCII, as the released files do
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException:
+            os.ftruncate(fd, start)
+            os.fsync(fd)
+            raise
+    finally:
+        os.close(fd)
     if new and hasattr(os, "O_DIRECTORY"):
         fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -320,29 +348,71 @@ def append_line(path, line):
             os.close(fd)
 
 
-def keep_complete_lines(path):
-    """A power cut during an append can leave a last line without its newline; it was never acknowledged. Move it to
-    <out>.torn (saying so) rather than refuse the file or append after it."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
+def read_labels(path, repair):
+    """The judgements in a labels file (data.read_comparisons). A power cut during an append can leave a last line
+    without its newline. repair (the server, which alone writes the file): a whole JSON object gets its newline; a
+    torn line (never acknowledged) is moved to <out>.torn, saying so. Without repair (--report): it is left out."""
+    if not path.exists():
+        return []
     raw = path.read_bytes()
-    if raw.endswith(b"\n"):
-        return
+    if not raw or raw.endswith(b"\n"):
+        return data.read_comparisons(path)
     cut = raw.rfind(b"\n") + 1
-    torn = Path(str(path) + ".torn")
-    with open(torn, "ab") as f:
-        f.write(raw[cut:] + b"\n")
-    with open(path, "r+b") as f:
-        f.truncate(cut)
-        os.fsync(f.fileno())
-    print(f"label.py: {path}: its last line was cut short (never acknowledged); moved to {torn}", file=sys.stderr)
+    try:
+        whole = isinstance(json.loads(raw[cut:]), dict)
+    except ValueError:
+        whole = False
+    if not repair:
+        print(f"label.py: {path}: its last line has no newline; left out here", file=sys.stderr)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / path.name).write_bytes(raw[:cut])
+            return data.read_comparisons(Path(tmp) / path.name)
+    if whole:
+        append_line(path, "\n")
+        print(f"label.py: {path}: added the newline its last line lacked", file=sys.stderr)
+    else:
+        torn = Path(str(path) + ".torn")
+        with open(torn, "ab") as f:
+            f.write(raw[cut:] + b"\n")
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+            os.fsync(f.fileno())
+        print(f"label.py: {path}: its last line was cut short (never acknowledged); moved to {torn}", file=sys.stderr)
+    return data.read_comparisons(path)
+
+
+def lock_labels(path):
+    """One server per labels file: a second one would append beside the first, and neither would see the other's
+    judgements (the check against labelling a pair twice lives in each server's memory). Returns the lock file, held
+    until it is closed (use it in a with block)."""
+    lock = open(str(path) + ".lock", "w")
+    try:
+        import fcntl  # Unix; on Windows nothing stops a second server: run one per file
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    except BlockingIOError:
+        lock.close()
+        raise SystemExit(f"label.py: error: another label.py is serving {path} (it holds {path}.lock); stop it, "
+                         "or let everyone use its address") from None
+    return lock
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the report: how each person agrees with the gold rubric, the original labelers and each other
 
 def rate(agree, n):
-    return f"{agree / n:.1%} +- {math.sqrt(agree / n * (1 - agree / n) / n):.1%} ({agree}/{n})" if n else "-"
+    """p +- one standard error (agree/n). At 0% or 100% that error is 0 and says nothing: the rule of three gives a
+    95% bound instead."""
+    if not n:
+        return "-"
+    p = agree / n
+    if 0 < agree < n:
+        return f"{p:.1%} +- {math.sqrt(p * (1 - p) / n):.1%} ({agree}/{n})"
+    if n < 3:
+        return f"{p:.0%} ({agree}/{n})"
+    side, bound = ("at least", 1 - 3 / n) if agree else ("at most", 3 / n)
+    return f"{p:.0%} ({agree}/{n}; 95% bound: {side} {bound:.0%})"
 
 
 def gold_reason(pair, chosen_gold):
@@ -357,7 +427,7 @@ def report(labels, out=None):
     standard error; where they part from the gold rubric, the axis that decided gold's choice; and the agreement
     between people on pairs both labelled."""
     out = out or sys.stdout
-    comps = data.read_comparisons(labels.out) if labels.out.exists() else []
+    comps = read_labels(labels.out, repair=False)
     by_pair = defaultdict(dict)
     parted = defaultdict(Counter)
     for comp in comps:
@@ -379,8 +449,7 @@ def report(labels, out=None):
             agree, n = parted[worker][(axis, True)], parted[worker][(axis, True)] + parted[worker][(axis, False)]
             if n:
                 print(f"    where gold decided on {axis:9s}: agrees {rate(agree, n)}", file=out)
-    same = [a == b for chosen in by_pair.values() for i, a in enumerate(chosen.values())
-            for b in list(chosen.values())[i + 1:]]
+    same = [a == b for chosen in by_pair.values() for a, b in itertools.combinations(chosen.values(), 2)]
     if same:
         print(f"  between people, on pairs labelled by two or more: {rate(sum(same), len(same))}", file=out)
     print("  (the paper: labelers agreed with researchers 77% +- 2%, researchers with each other 73% +- 4%; the "
@@ -390,21 +459,22 @@ def report(labels, out=None):
 def main(argv=None):
     args = parse_args(argv)
     pairs = load_or_make_pairs(args)
-    labels = Labels(args.out, pairs, args.batch, args.seed)
     if args.report:
-        return report(labels)
-    try:
-        server = make_server(labels, args.host, args.port, quiet=args.quiet)
-    except OSError as e:
-        raise OSError(f"cannot listen on --host {args.host} --port {args.port}: {e.strerror or e}") from None
-    print(f"label.py: {len(pairs)} pairs, judgements appended to {args.out}\n"
-          f"label.py: open {server.url}\n(Ctrl-C stops; every judgement is already on disk)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("label.py: stopped")
-    finally:
-        server.server_close()
+        return report(Labels(args.out, pairs, args.batch, args.seed))
+    with lock_labels(args.out):
+        labels = Labels(args.out, pairs, args.batch, args.seed, serving=True)
+        try:
+            server = make_server(labels, args.host, args.port, quiet=args.quiet)
+        except OSError as e:
+            raise OSError(f"cannot listen on --host {args.host} --port {args.port}: {e.strerror or e}") from None
+        print(f"label.py: {len(pairs)} pairs, judgements appended to {args.out}\n"
+              f"label.py: open {server.url}\n(Ctrl-C stops; every judgement is already on disk)", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            print("label.py: stopped")
+        finally:
+            server.server_close()
 
 
 if __name__ == "__main__":

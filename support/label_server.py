@@ -13,6 +13,7 @@ custom header without a CORS preflight, which this server never grants. So no ot
 import hmac
 import json
 import secrets
+import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,7 +38,8 @@ def make_server(app, host="127.0.0.1", port=8765, token=None, quiet=False):
     server; its `.token` and `.url` say how to reach it."""
     token = token or secrets.token_urlsafe(18)
     handler = type("Handler", (_Handler,), dict(app=app, token=token, quiet=quiet))
-    server = ThreadingHTTPServer((host, port), handler)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # --host ::1 is IPv6
+    server = type("Server", (ThreadingHTTPServer,), dict(address_family=family))((host, port), handler)
     server.daemon_threads = True
     server.token = token
     name = f"[{host}]" if ":" in host else host
@@ -112,7 +114,7 @@ class _Handler(BaseHTTPRequestHandler):
             if length <= 16 * MAX_BODY:
                 self.rfile.read(length)
             return RequestError(413, f"a body of {length} bytes (a judgement is at most {MAX_BODY})")
-        return self.rfile.read(length) if length > 0 else RequestError(400, "an empty body")
+        return self.rfile.read(length) if length > 0 else RequestError(400, f"Content-Length {length}: no body")
 
     def _json_body(self, raw):
         if isinstance(raw, RequestError):

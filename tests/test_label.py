@@ -1,5 +1,6 @@
 """label.py over real HTTP (the standard library's client against its server): the released format, a kill and a
 restart, bad requests, the token, and training a reward model on what people labelled."""
+import http.client
 import json
 import os
 import re
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +95,9 @@ def test_labels_of_sampled_pairs_are_the_released_format_and_train_a_reward_mode
                              "--n-pairs", "40", "--out", str(out), "--valid-fraction", "0.25"])
     pairs = labels.pairs
     assert len(pairs) == 40 and {p["split"] for p in pairs} == {"train", "valid2"}
+    for p in pairs:  # the held-out pairs are of valid-split posts, which no stage trained on
+        assert ("_valid_" in p["info"]["id"]) == (p["split"] == "valid2")
+    assert sum(p["split"] == "valid2" for p in pairs) == 10
     assert all(p["summaries"][0][0] in ("sft_t0.7", "ref") and p["summaries"][0][1] != p["summaries"][1][1]
                for p in pairs)
     shown = []
@@ -149,7 +154,7 @@ def test_bad_requests_are_refused_and_never_touch_the_file(served, tmp_path):
         (400, "not JSON", dict(raw=b"{confidence: 7")),
         (400, "JSON object", dict(raw=b"[1, 2]")),
         (413, "bytes", dict(raw=b" " * (1 << 17))),
-        (400, "empty body", dict(raw=b"")),
+        (400, "no body", dict(raw=b"")),
         (400, "no 5", dict(body=dict(good, confidence=5))),
         (400, "confidence", dict(body=dict(good, confidence="7"))),
         (400, "confidence", dict(body=dict(good, confidence=True))),
@@ -197,6 +202,7 @@ def test_relabelling_reports_agreement_with_the_original_labelers_and_the_gold_r
     client, labels = served(["--relabel", str(path), "--out", str(out)])
     # ann picks what the gold rubric prefers (the left summary where gold ties); bob always picks the left one
     gold_agree = orig_agree = 0
+    ann_chose = {}
     for _ in range(16):
         state = client.state("ann")
         pair = labels.by_key[state["pair"]["key"]]
@@ -206,7 +212,11 @@ def test_relabelling_reports_agreement_with_the_original_labelers_and_the_gold_r
         client.judge("ann", 8 if pick else 2)
         gold_agree += gold[0] != gold[1]
         orig_agree += texts[pick] in pair["originals"]
+        ann_chose[pair["key"]] = texts[pick]
+    same = 0
     for _ in range(5):
+        shown = client.state("bob")["pair"]
+        same += shown["summaries"][0] == ann_chose[shown["key"]]
         client.judge("bob", 1)
     ann = client.state("ann")
     assert ann["gold"] == dict(agree=gold_agree, n=gold_agree) and ann["original"] == dict(agree=orig_agree, n=16)
@@ -214,8 +224,11 @@ def test_relabelling_reports_agreement_with_the_original_labelers_and_the_gold_r
     text = capsys.readouterr().out
     p = orig_agree / 16
     assert f"with the original labelers {p:.1%} +- {(p * (1 - p) / 16) ** 0.5:.1%} ({orig_agree}/16)" in text
-    assert f"agrees with the gold rubric 100.0% +- 0.0% ({gold_agree}/{gold_agree})" in text
-    assert "bob: 5 labelled" in text and "between people, on pairs labelled by two or more" in text
+    # at 100% the standard error is 0 and meaningless: the rule of three's bound is printed instead
+    assert f"agrees with the gold rubric 100% ({gold_agree}/{gold_agree}; 95% bound: at least " \
+           f"{1 - 3 / gold_agree:.0%})" in text
+    assert "bob: 5 labelled" in text
+    assert f"between people, on pairs labelled by two or more: {label.rate(same, 5)}" in text
 
 
 def test_a_killed_server_loses_nothing_and_everyone_continues_where_they_were(tmp_path):
@@ -232,10 +245,10 @@ def test_a_killed_server_loses_nothing_and_everyone_continues_where_they_were(tm
                 return proc, Client(line.split("open ")[1].strip())
         raise AssertionError(f"label.py did not start: {proc.wait()}")
 
-    proc, client = start("--relabel", str(path))
-    seen = [client.state("ann")["pair"]["key"]]
+    proc, client = start("--relabel", str(path), "--seed", "5", "--batch", "b1")
+    seen = [client.state("ann")["pair"]]
     for confidence in (1, 9, 4):
-        seen.append(client.judge("ann", confidence)["pair"]["key"])
+        seen.append(client.judge("ann", confidence)["pair"])
     client.judge("bob", 6)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -246,10 +259,11 @@ def test_a_killed_server_loses_nothing_and_everyone_continues_where_they_were(tm
     try:
         assert again.call("/api/state?worker=ann", token=client.token)[0] == 403  # a new token each start
         ann = again.state("ann")
-        assert ann["done"] == 3 and ann["pair"]["key"] == seen[3]  # the next pair, not a repeat
+        assert ann["done"] == 3 and ann["pair"] == seen[3]  # the next pair, not a repeat, left and right the same
         assert again.state("bob")["done"] == 1 and again.state("carol")["done"] == 0
         again.judge("ann", 2)
         assert out.read_bytes().startswith(written) and len(out.read_bytes().splitlines()) == 5
+        assert {json.loads(line)["batch"] for line in out.read_text().splitlines()} == {"b1"}  # --batch restored
     finally:
         proc.kill()
         proc.wait()
@@ -263,10 +277,17 @@ def test_a_torn_last_line_is_set_aside_and_other_flags_are_refused(tmp_path, cap
     labels.judge(dict(worker="ann", pair=labels.state("ann")["pair"]["key"], confidence=2))
     good = out.read_bytes()
     out.write_bytes(good + b'{"info": {"id": "synth1_0_val')  # a power cut in the middle of an append
-    labels = label.Labels(out, labels.pairs, "labels", 0)
+    labels = label.Labels(out, labels.pairs, "labels", 0, serving=True)
     assert out.read_bytes() == good and labels.state("ann")["done"] == 1
     assert (tmp_path / "labels.json.torn").read_bytes().startswith(b'{"info"')
     assert "cut short" in capsys.readouterr().err
+    # a whole judgement that only lacks its newline is kept (a newline added); --report reads without writing
+    whole = good.splitlines(keepends=True)[-1]
+    out.write_bytes(good + whole.rstrip(b"\n"))
+    label.main(["--out", str(out), "--report"])
+    assert out.read_bytes() == good + whole.rstrip(b"\n") and "no newline; left out here" in capsys.readouterr().err
+    label.Labels(out, labels.pairs, "labels", 0, serving=True)
+    assert out.read_bytes() == good + whole
     with pytest.raises(SystemExit, match="--n-pairs 7 but .* was drawn with 50"):
         label.load_or_make_pairs(label.parse_args(["--relabel", str(path), "--out", str(out), "--n-pairs", "7"]))
     with pytest.raises(SystemExit, match="does not exist yet: give --policies or --relabel"):
@@ -308,3 +329,54 @@ def test_a_busy_port_and_a_damaged_pairs_file_are_clear_errors(served, tmp_path)
     (tmp_path / "b.json.pairs.json").write_text('{"settings": {"task": "syn')
     with pytest.raises(data.DataError, match="b.json.pairs.json: not a pairs file written by label.py"):
         label.main(["--out", str(tmp_path / "b.json")])
+
+
+def test_several_people_at_once_each_judgement_once(served, tmp_path):
+    path, _ = synth_comparisons(tmp_path)
+    out = tmp_path / "labels.json"
+    client, _ = served(["--relabel", str(path), "--out", str(out)])
+    key = client.state("ann")["pair"]["key"]
+
+    def post(worker):
+        return client.call("/api/judge", dict(worker=worker, pair=key, confidence=3))[0]
+
+    with ThreadPoolExecutor(16) as pool:  # ann in many tabs at once, and 20 other people
+        statuses = list(pool.map(post, ["ann"] * 20 + [f"w{i}" for i in range(20)]))
+    assert sorted(statuses[:20]) == [200] + [409] * 19 and statuses[20:] == [200] * 20
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 21 and len({x["worker"] for x in lines}) == 21
+
+
+def test_a_failed_write_leaves_no_half_line_and_a_second_server_is_refused(served, tmp_path, monkeypatch):
+    path, _ = synth_comparisons(tmp_path)
+    out = tmp_path / "labels.json"
+    args = label.parse_args(["--relabel", str(path), "--out", str(out)])
+    labels = label.Labels(out, label.load_or_make_pairs(args), "labels", 0, serving=True)
+    labels.judge(dict(worker="ann", pair=labels.state("ann")["pair"]["key"], confidence=2))
+    before = out.read_bytes()
+    real_fsync, calls = os.fsync, []
+
+    def failing_fsync(fd):  # the disk gives out after the line was written, before it is durable
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(label.os, "fsync", failing_fsync)
+    key = labels.state("ann")["pair"]["key"]
+    with pytest.raises(OSError, match="No space left"):
+        labels.judge(dict(worker="ann", pair=key, confidence=7))
+    assert out.read_bytes() == before and labels.state("ann")["done"] == 1  # cut back, not counted
+    labels.judge(dict(worker="ann", pair=key, confidence=7))  # the retry is a whole line of its own
+    assert len(data.read_comparisons(out)) == 2
+    monkeypatch.undo()
+
+    with label.lock_labels(out):  # a server is running on this file
+        with pytest.raises(SystemExit, match="another label.py is serving"):
+            label.main(["--out", str(out), "--port", "0"])
+    client, _ = served(["--out", str(out)])
+    conn = http.client.HTTPConnection(*client.base.removeprefix("http://").split(":"))
+    conn.putrequest("POST", "/api/judge")  # no Content-Length
+    conn.putheader("X-Label-Token", client.token)
+    conn.endheaders()
+    assert conn.getresponse().status == 411

@@ -99,9 +99,13 @@ def test_a_person_labels_with_the_keyboard_and_comes_back_where_they_were(server
         # pair 2: 5 is refused, an axis rating and a note (digits typed in it do not move the scale), 8, Enter
         body().send_keys("5")
         assert "no 5" in text_of("message")
-        driver.find_element(By.CSS_SELECTOR, 'input[name="axis-1-accuracy"][value="6"]').click()
+        rating = driver.find_element(By.CSS_SELECTOR, 'input[name="axis-1-accuracy"][value="6"]')
+        rating.click()
+        rating.send_keys(Keys.TAB)  # the keyboard moves on from a rating (focus is not trapped there)
+        assert driver.execute_script("return document.activeElement") != rating
         note = driver.find_element(By.ID, "note-0")
         note.send_keys("misses 3 facts", Keys.ESCAPE)
+        assert driver.find_elements(By.CSS_SELECTOR, "#scale button.chosen") == []  # the 3 went into the note
         body().send_keys("8", Keys.ENTER)
         wait_for(driver, lambda: text_of("progress") == "done 2 / 3")
         assert driver.find_element(By.ID, "note-0").get_property("value") == ""  # a clean form for the next pair
@@ -122,8 +126,11 @@ def test_a_person_labels_with_the_keyboard_and_comes_back_where_they_were(server
         driver.get(srv.url)
         wait_for(driver, lambda: driver.find_element(By.ID, "progress").text == "done 2 / 3")
         assert driver.find_element(By.ID, "title").text == "<i>title 2</i>"
-        driver.find_element(By.TAG_NAME, "body").send_keys("9", Keys.ENTER)
+        # meanwhile the same person labels this pair in another tab: the page moves on instead of failing forever
+        labels.judge(dict(worker="tester", pair=labels.state("tester")["pair"]["key"], confidence=9))
+        driver.find_element(By.TAG_NAME, "body").send_keys("2", Keys.ENTER)
         wait_for(driver, lambda: driver.find_element(By.ID, "finished").is_displayed())
+        assert "labelled already" in driver.find_element(By.ID, "message").text
     finally:
         driver.quit()
     assert len(out.read_text().splitlines()) == 3 and labels.state("tester")["done"] == 3
