@@ -204,6 +204,7 @@ def load_or_make_pairs(args):
                              + ". Label these pairs with the same flags (or none), or choose another --out")
         for k in PAIR_SETTINGS:
             setattr(args, k, settings.get(k, getattr(args, k)))
+        args.batch = args.batch or Path(args.out).stem
         return pairs
     if not (args.policies or args.relabel):
         raise SystemExit(f"label.py: error: {path} does not exist yet: give --policies or --relabel to draw pairs")
