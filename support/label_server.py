@@ -39,7 +39,10 @@ def make_server(app, host="127.0.0.1", port=8765, token=None, quiet=False):
     token = token or secrets.token_urlsafe(18)
     handler = type("Handler", (_Handler,), dict(app=app, token=token, quiet=quiet))
     family = socket.AF_INET6 if ":" in host else socket.AF_INET  # --host ::1 is IPv6
-    server = type("Server", (ThreadingHTTPServer,), dict(address_family=family))((host, port), handler)
+    # socketserver's listen backlog is 5: a few people (browsers open several connections each) overflow it and are
+    # reset; 128 is Linux's usual cap.
+    server = type("Server", (ThreadingHTTPServer,), dict(address_family=family, request_queue_size=128))(
+        (host, port), handler)
     server.daemon_threads = True
     server.token = token
     name = f"[{host}]" if ":" in host else host
