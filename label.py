@@ -47,7 +47,7 @@ import synth
 from model import pick_dtype
 from support.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from support.cli import pick_device, positive_int
-from support.files import atomic_write
+from support.files import append_durable, atomic_write
 from support.label_server import RequestError, make_server
 
 AXES = ("overall", "accuracy", "coverage", "coherence")  # the paper's Likert axes, 1-7 (Section 4.1, appendix C)
@@ -261,7 +261,7 @@ class Labels:
     def __init__(self, out, pairs, batch, seed, serving=False):
         self.out, self.pairs, self.batch, self.seed = Path(out), pairs, batch, seed
         self.by_key = {p["key"]: p for p in pairs}
-        self.done = defaultdict(set)  # worker -> keys of the pairs they labelled
+        self.chosen = defaultdict(dict)  # pair key -> {worker: the summary text they chose}
         self.tally = defaultdict(Counter)  # worker -> gold_agree/gold_n/orig_agree/orig_n
         self.lock = threading.Lock()
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +271,7 @@ class Labels:
                 self._count(comp["worker"], self.by_key[key], comp["summaries"][comp["choice"]])
 
     def _count(self, worker, pair, chosen):
-        self.done[worker].add(pair["key"])
+        self.chosen[pair["key"]][worker] = chosen
         gold = gold_choice(pair)
         if gold is not None:
             self.tally[worker]["gold_n"] += 1
@@ -285,9 +285,10 @@ class Labels:
         gold) for a worker; pair is None when they have labelled every one."""
         worker = check_worker(worker)
         with self.lock:
-            done, t = self.done.get(worker, set()), self.tally.get(worker, Counter())
-            todo = next((p for p in self.pairs if p["key"] not in done), None)
-            reply = dict(worker=worker, done=len(done), total=len(self.pairs), pair=None,
+            done = [worker in self.chosen.get(p["key"], ()) for p in self.pairs]
+            todo = next((p for p, d in zip(self.pairs, done) if not d), None)
+            t = self.tally.get(worker, Counter())
+            reply = dict(worker=worker, done=sum(done), total=len(self.pairs), pair=None,
                          gold=dict(agree=t["gold_agree"], n=t["gold_n"]),
                          original=dict(agree=t["orig_agree"], n=t["orig_n"]))
         if todo:
@@ -310,9 +311,9 @@ class Labels:
         record = data.comparison_record(pair["info"], shown, choice, worker, pair["split"], self.batch, confidence,
                                         notes, axes)
         with self.lock:
-            if pair["key"] in self.done.get(worker, ()):
+            if worker in self.chosen.get(pair["key"], ()):
                 raise RequestError(409, f"{worker} has already labelled this pair (another tab?); it is kept once")
-            append_line(self.out, json.dumps(record) + "\n")
+            append_durable(self.out, json.dumps(record) + "\n")
             self._count(worker, pair, shown[choice][1])
         return self.state(worker)
 
@@ -321,32 +322,6 @@ def check_worker(worker):
     if not isinstance(worker, str) or not 1 <= len(worker) <= 64 or not all(c.isalnum() or c in "-_." for c in worker):
         raise RequestError(400, f"worker id {worker!r}: use 1-64 letters, digits, '-', '_' or '.'")
     return worker
-
-
-def append_line(path, line):
-    """Append one line and make it durable before returning: written, fsynced (and the folder, for a new file). A
-    write that fails half way is cut back off, so the file never holds half a judgement that a retry would follow."""
-    new, raw = not path.exists(), line.encode("ascii")  # json.dumps escapes non-ASCII, as the released files do
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        start = os.fstat(fd).st_size
-        try:
-            view = memoryview(raw)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except BaseException:
-            os.ftruncate(fd, start)
-            os.fsync(fd)
-            raise
-    finally:
-        os.close(fd)
-    if new and hasattr(os, "O_DIRECTORY"):
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def read_labels(path, repair):
@@ -369,7 +344,7 @@ def read_labels(path, repair):
             (Path(tmp) / path.name).write_bytes(raw[:cut])
             return data.read_comparisons(Path(tmp) / path.name)
     if whole:
-        append_line(path, "\n")
+        append_durable(path, "\n")
         print(f"label.py: {path}: added the newline its last line lacked", file=sys.stderr)
     else:
         torn = Path(str(path) + ".torn")
@@ -428,29 +403,24 @@ def report(labels, out=None):
     standard error; where they part from the gold rubric, the axis that decided gold's choice; and the agreement
     between people on pairs both labelled."""
     out = out or sys.stdout
-    comps = read_labels(labels.out, repair=False)
-    by_pair = defaultdict(dict)
-    parted = defaultdict(Counter)
-    for comp in comps:
-        pair = labels.by_key.get(pair_key(comp, comp["summaries"]))
-        if pair is None:
-            continue
-        chosen = comp["summaries"][comp["choice"]]
-        by_pair[pair["key"]][comp["worker"]] = chosen
+    labelled, parted = Counter(), defaultdict(Counter)
+    for pair in labels.pairs:
         gold = gold_choice(pair)
-        if gold is not None:
-            parted[comp["worker"]][(gold_reason(pair, gold), chosen == pair["summaries"][gold][1])] += 1
-    print(f"{labels.out}: {len(comps)} judgements of {len(labels.pairs)} pairs", file=out)
-    for worker in sorted(labels.done):
+        for worker, chosen in labels.chosen.get(pair["key"], {}).items():
+            labelled[worker] += 1
+            if gold is not None:
+                parted[worker][(gold_reason(pair, gold), chosen == pair["summaries"][gold][1])] += 1
+    print(f"{labels.out}: {sum(labelled.values())} judgements of {len(labels.pairs)} pairs", file=out)
+    for worker in sorted(labelled):
         t = labels.tally[worker]
-        print(f"  {worker}: {len(labels.done[worker])} labelled | agrees with the gold rubric "
+        print(f"  {worker}: {labelled[worker]} labelled | agrees with the gold rubric "
               f"{rate(t['gold_agree'], t['gold_n'])} | with the original labelers {rate(t['orig_agree'], t['orig_n'])}",
               file=out)
         for axis in ("coverage", "accuracy", "coherence", "length"):
             agree, n = parted[worker][(axis, True)], parted[worker][(axis, True)] + parted[worker][(axis, False)]
             if n:
                 print(f"    where gold decided on {axis:9s}: agrees {rate(agree, n)}", file=out)
-    same = [a == b for chosen in by_pair.values() for a, b in itertools.combinations(chosen.values(), 2)]
+    same = [a == b for chosen in labels.chosen.values() for a, b in itertools.combinations(chosen.values(), 2)]
     if same:
         print(f"  between people, on pairs labelled by two or more: {rate(sum(same), len(same))}", file=out)
     print("  (the paper: labelers agreed with researchers 77% +- 2%, researchers with each other 73% +- 4%; the "

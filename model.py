@@ -14,7 +14,6 @@ response, the reward read at the EOS token, and mixed precision (the optimizer a
 import argparse
 import contextlib
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -449,13 +448,7 @@ def main():
     if args.command == "demo":
         return demo()
     from support import hf  # the file formats live with the plumbing
-    from support.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-    try:
-        ckpt = load_checkpoint(args.checkpoint, stage=("sft", "ppo"))
-        hf.export(model_from_checkpoint(ckpt), args.out_dir)
-    except (CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    print(f"wrote {args.out_dir}/config.json and model.safetensors (tokenizer: {ckpt['tokenizer']})")
+    hf.export_command(args.checkpoint, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,30 @@ def _sync_folder(folder):
         os.close(fd)
 
 
+def append_durable(path, text):
+    """Append text (ASCII: the comparison files' json.dumps escapes the rest) and make it durable before returning:
+    written and fsynced, and the folder for a new file. A write that fails half way is cut back off, so the file
+    never holds half a line that a retry would then follow."""
+    path = Path(path)
+    new, raw = not path.exists(), text.encode("ascii")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException:
+            os.ftruncate(fd, start)
+            os.fsync(fd)
+            raise
+    finally:
+        os.close(fd)
+    if new:
+        _sync_folder(path.parent)
+
+
 def atomic_write(path, content):
     """Write a str or bytes to path atomically (atomic_open)."""
     with atomic_open(path, "wb" if isinstance(content, bytes) else "w") as f:

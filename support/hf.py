@@ -10,11 +10,13 @@ import json
 import math
 import os
 import struct
+import sys
 from pathlib import Path
 
 import torch
 
 from model import GPT, PRESETS, GPTConfig
+from support.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from support.files import atomic_open, atomic_write, download
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -154,3 +156,14 @@ def export(model, out_dir, eos_id=None):
                   scale_attn_weights=True, use_cache=True, torch_dtype="float32")
     write_safetensors(out_dir / "model.safetensors", tensors)
     atomic_write(out_dir / "config.json", json.dumps(hf_cfg, indent=2) + "\n")
+
+
+def export_command(checkpoint, out_dir):
+    """`python model.py export CKPT DIR`: a policy checkpoint (sft.pt / ppo.pt) as a Hugging Face GPT-2 directory;
+    a checkpoint that is not a policy's is one line naming it."""
+    try:
+        ckpt = load_checkpoint(checkpoint, stage=("sft", "ppo"))
+        export(model_from_checkpoint(ckpt), out_dir)
+    except (CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {out_dir}/config.json and model.safetensors (tokenizer: {ckpt['tokenizer']})")

@@ -362,7 +362,7 @@ def test_a_failed_write_leaves_no_half_line_and_a_second_server_is_refused(serve
             raise OSError(28, "No space left on device")
         return real_fsync(fd)
 
-    monkeypatch.setattr(label.os, "fsync", failing_fsync)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
     key = labels.state("ann")["pair"]["key"]
     with pytest.raises(OSError, match="No space left"):
         labels.judge(dict(worker="ann", pair=key, confidence=7))
