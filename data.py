@@ -102,8 +102,12 @@ def _read_jsonl(path, convert, skip_bad):
     counted and reported. Lines are split on b"\\n" only: decoded text may hold U+2028, which splitlines() splits."""
     path, out, bad, first = Path(path), [], 0, None
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    with open(path, "rb") as f:
+        raise DataError(f"{path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # no read permission: one line, not a traceback
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+    with f:
         for lineno, raw in enumerate(f, 1):
             try:
                 text = raw.decode("utf-8")
@@ -112,6 +116,12 @@ def _read_jsonl(path, convert, skip_bad):
                 obj = json.loads(text)
                 if not isinstance(obj, dict):
                     raise DataError("not a JSON object")
+                if "\\u" in text:  # "\ud800" decodes to a lone surrogate: no character, and no UTF-8 file can hold it
+                    try:
+                        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+                    except UnicodeEncodeError as e:
+                        raise DataError(f"a lone surrogate \\u{ord(e.object[e.start]):04x} (half of a UTF-16 pair) "
+                                        f"after {e.object[max(0, e.start - 30):e.start]!r}") from None
                 out.append(convert(obj))
             except UnicodeDecodeError as e:
                 err = f"invalid UTF-8 at byte {e.start}"
@@ -163,14 +173,18 @@ def as_response(text):
     return " " + text.lstrip()
 
 
-def read_tldr(path, skip_bad=False):
-    """tldr_3_filtered {split}.jsonl -> [{id, subreddit, title, post, summary}]; summary without its leading space."""
+def read_tldr(path, skip_bad=False, check=None):
+    """tldr_3_filtered {split}.jsonl -> [{id, subreddit, title, post, summary}]; summary without its leading space.
+    check(record), when given, raises DataError for a record that is well-formed but unusable (its file:line named)."""
     def convert(obj):
         rec = {k: _get(obj, k) for k in ("id", "subreddit", "title", "post", "summary")}
         for field in ("post", "summary"):  # nothing to summarize, or nothing to learn from
             if not rec[field].strip():
                 raise DataError(f"empty {field}")
-        return dict(rec, subreddit=_subreddit(rec["subreddit"]))
+        rec = dict(rec, subreddit=_subreddit(rec["subreddit"]))
+        if check:
+            check(rec)
+        return rec
     return _read_jsonl(path, convert, skip_bad)
 
 
@@ -178,7 +192,10 @@ def read_comparisons(paths, skip_bad=False):
     """comparisons/*.json (one path or several) -> one dict per comparison: the document (id, subreddit, title, post,
     site, article, is_cnndm; absent fields None), summaries [text0, text1] normalized by `as_response`, policies,
     notes, choice (0/1), worker, batch, split (train/valid1/valid2), confidence (1-9, or None when `extra` is {}).
-    A comparison already read from an earlier file is dropped: batch0_cnndm.json repeats cnndm0.json."""
+    A comparison already read from an earlier file is dropped: batch0_cnndm.json repeats cnndm0.json. A synthetic
+    post that is not its world's (edited by hand) is refused here, not when its gold score is first needed."""
+    from synth import WORLD, check_post  # imported here, not at the top: synth.py imports this module
+
     def convert(obj):
         summaries = _get(obj, "summaries", list)
         if len(summaries) != 2 or not all(isinstance(s, dict) for s in summaries):
@@ -187,7 +204,10 @@ def read_comparisons(paths, skip_bad=False):
         if choice not in (0, 1):
             raise DataError(f"choice should be 0 or 1, got {choice}")
         confidence = (_get(obj, "extra", dict, required=False) or {}).get("confidence")
-        return dict(_document(_get(obj, "info", dict)), summaries=[as_response(_get(s, "text")) for s in summaries],
+        doc = _document(_get(obj, "info", dict))
+        if str(doc["id"]).startswith(WORLD + "_") and doc["post"] is not None:
+            check_post(doc)
+        return dict(doc, summaries=[as_response(_get(s, "text")) for s in summaries],
                     policies=[_get(s, "policy") for s in summaries], notes=[s.get("note") for s in summaries],
                     choice=choice, worker=_get(obj, "worker"), batch=_get(obj, "batch"), split=_get(obj, "split"),
                     confidence=confidence)
@@ -234,13 +254,24 @@ def read_cnndm(path, skip_bad=False):
     return _read_jsonl(path, convert, skip_bad)
 
 
+def split_path(task, split, data_dir=None):
+    """The file of one split (train/valid/test/transfer) of a task."""
+    return Path(data_dir or TASKS[task]["data_dir"]) / TASKS[task]["files"][split]
+
+
 def load_split(task, split, data_dir=None, skip_bad=False):
     """The records of one split (train/valid/test/transfer) of a task, from its data directory."""
-    path = Path(data_dir or TASKS[task]["data_dir"]) / TASKS[task]["files"][split]
+    path = split_path(task, split, data_dir)
     if not path.is_file():
         how = "python data.py download" if task == "tldr" else "python synth.py"
         raise DataError(f"{path} not found; run `{how}` (or pass the directory that holds it)")
-    records = (read_cnndm if task == "tldr" and split == "transfer" else read_tldr)(path, skip_bad)
+    if task == "tldr" and split == "transfer":
+        records = read_cnndm(path, skip_bad)
+    else:
+        check = None
+        if task == "synth":  # a post edited by hand would fail the gold labeler only at the end of a run
+            from synth import check_post as check  # imported here, not at the top: synth.py imports this module
+        records = read_tldr(path, skip_bad, check)
     if not records:
         raise DataError(f"{path} holds no records")
     return records
@@ -316,7 +347,8 @@ def _pad(rows, width, pad, left):
 
 def _cached(kind, key_parts, records, build, cache_dir):
     """Arrays from `build()`, cached in cache_dir as {kind}-{key}.npz + .json. The key hashes what made them: the
-    records' content, tokenizer and lengths. The JSON is written last, so a half-written cache is never used."""
+    records' content, tokenizer and lengths. The JSON is written last, so a half-written cache is never used; one
+    damaged later (emptied, cut, overwritten) is built anew, saying so."""
     if cache_dir is None:
         return build()[0]
     h = hashlib.sha256(json.dumps([CACHE_VERSION, kind, key_parts]).encode())
@@ -324,9 +356,20 @@ def _cached(kind, key_parts, records, build, cache_dir):
         h.update(json.dumps(r, sort_keys=True).encode())
     key = h.hexdigest()
     npz, meta = Path(cache_dir) / f"{kind}-{key[:16]}.npz", Path(cache_dir) / f"{kind}-{key[:16]}.json"
-    if meta.is_file() and npz.is_file() and json.loads(meta.read_text()).get("key") == key:
-        with np.load(npz, allow_pickle=False) as z:
-            return dict(z)
+    if meta.is_file() and npz.is_file():
+        where = meta
+        try:  # an emptied, cut or overwritten cache is built anew, not a failure of every later run
+            saved = json.loads(meta.read_text())
+            if saved.get("key") == key:
+                where = npz
+                with np.load(npz, allow_pickle=False) as z:
+                    arrays = dict(z)  # reads every array, so the zip's CRCs are checked
+                if len(arrays["index"]) != saved["rows"]:
+                    raise ValueError(f"{len(arrays['index'])} rows where {meta.name} says {saved['rows']}")
+                return arrays
+        except Exception as e:
+            print(f"data: the cached {where} is damaged or unreadable ({type(e).__name__}: {e}); building it anew",
+                  file=sys.stderr)
     arrays, info = build()
     with atomic_open(npz, "wb") as f:
         np.savez(f, **arrays)
@@ -590,7 +633,7 @@ def main():
     args = parser.parse_args()
     try:
         openai_data.download(args.data_dir, args.base_url, args.cnndm_n, args.timeout)
-    except (DataError, ConnectionError) as e:
+    except (DataError, OSError) as e:  # OSError: no network (ConnectionError), a folder not writable
         sys.exit(f"data.py: error: {e}")
 
 

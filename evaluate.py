@@ -47,8 +47,9 @@ import synth
 from model import autocast, pick_dtype, response_logprobs, trim_padding
 from support import distributed
 from support.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from support.cli import add_task_args, fill_task_defaults, positive_int
-from support.files import atomic_write
+from support.cli import (SEED_MAX, add_task_args, fill_task_defaults, nonnegative_float, nonnegative_int,
+                         positive_float, positive_int, seed_int)
+from support.files import atomic_write, run_lock
 from support.http_judge import HTTPJudge, JudgeError, add_http_args
 
 DEFAULTS = {
@@ -75,19 +76,24 @@ def parse_args(argv=None):
                    "synth: the held-out subreddit)")
     p.add_argument("--n-posts", type=positive_int, help="posts to summarize (synth: 500, tldr: 1000)")
     p.add_argument("--batch-size", type=positive_int, help="sequences per forward pass (synth: 128, tldr: 16)")
-    p.add_argument("--kl-temperature", type=float, default=0.7, help="sampling temperature of the KL estimate")
+    p.add_argument("--kl-temperature", type=positive_float, default=0.7, help="sampling temperature of the KL "
+                   "estimate, more than 0: its log-probs divide the logits by it")
     p.add_argument("--sweep", nargs="*", default=[], help="checkpoints of one run or of several betas, for the "
                    "preference-against-KL curve (e.g. out/synth/ppo_step*.pt)")
-    p.add_argument("--max-n", type=int, help="best-of-N for N = 1, 2, 4, ... up to this (0: skip; synth 32)")
+    p.add_argument("--max-n", type=nonnegative_int, help="best-of-N for N = 1, 2, 4, ... up to this (0: skip; "
+                   "synth 32)")
     p.add_argument("--bon-posts", type=positive_int, help="posts for best-of-N (synth: 250, tldr: 256)")
-    p.add_argument("--bon-temperature", type=float, default=0.7, help="temperature of the best-of-N samples")
+    p.add_argument("--bon-temperature", type=nonnegative_float, default=0.7, help="temperature of the best-of-N "
+                   "samples (0: the most likely tokens, the same summary N times)")
     p.add_argument("--comparisons", nargs="*", help="held-out comparisons for the RM analysis (default synth: "
                    "<out>/comparisons/synth_valid.json; tldr: the valid splits of <data>/comparisons/*.json)")
-    p.add_argument("--analysis-n", type=int, help="comparisons in the RM analysis (0: skip; synth: 1000, tldr: 2000)")
-    p.add_argument("--show", type=int, default=20, help="posts on the samples page")
+    p.add_argument("--analysis-n", type=nonnegative_int, help="comparisons in the RM analysis (0: skip; synth: 1000, "
+                   "tldr: 2000)")
+    p.add_argument("--show", type=nonnegative_int, default=20, help="posts on the samples page")
     p.add_argument("--no-plots", action="store_true", help="do not draw PNGs even if matplotlib is installed")
     add_http_args(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of every sample and of the http judge's A/B order")
+    p.add_argument("--seed", type=seed_int, default=0, help=f"seed of every sample and of the http judge's A/B order "
+                   f"(0 to {SEED_MAX})")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype: auto = bf16 on GPUs that support it, fp32 otherwise")
@@ -101,6 +107,11 @@ def parse_args(argv=None):
     args.policies = args.policies or [str(f) for f in (out / "sft.pt", out / "ppo.pt") if f.exists()]
     if not args.policies:
         p.error(f"no --policies given and neither {out / 'sft.pt'} nor {out / 'ppo.pt'} exists: train them first")
+    for flag in ("sft", "reward"):  # only the defaults may be missing: a named one skipped would go unnoticed
+        given = getattr(args, flag)
+        if given is not None and not Path(given).is_file():
+            p.error(f"--{flag} {given}: " + ("a directory, not a checkpoint file" if Path(given).is_dir()
+                                             else "no such file"))
     args.sft = args.sft or str(out / "sft.pt")
     args.reward = args.reward or str(out / "reward.pt")
     if args.judge is None and args.task == "tldr":
@@ -147,16 +158,27 @@ def bon_kl(n):
 def length_controlled(wins, log_ratios, ridge=1e-4):
     """The paper's appendix F: a logistic regression of the preference over the reference on the log length ratio,
     one intercept per policy and a slope shared by all, fitted by Newton's method (ties are half a win, a soft
-    label; a small ridge keeps it finite when a policy always wins). A policy's length-controlled preference is its
-    predicted preference at equal length. wins, log_ratios: {policy: array}. Returns ({policy: preference}, slope)."""
-    names = list(wins)
+    label; a small ridge keeps it finite when the slope alone separates wins from losses). A policy's
+    length-controlled preference is its predicted preference at equal length. wins, log_ratios: {policy: array}.
+    A policy that never wins (always wins) has its intercept's maximum at -inf (+inf) whatever the slope: its
+    value is 0 (1), and it is left out of the fit, where the ridge alone would split that infinity between its
+    intercept and the shared slope (a policy that never won, always longer than the reference, read near 0.5).
+    Returns ({policy: preference}, slope, {policy: why it has no value}); the slope is None where nothing fits it."""
+    names = [n for n in wins if np.isfinite(wins[n]).any()]
+    undefined = {n: "the judge gave no verdict on any of its summaries" for n in wins if n not in names}
+    out = {n: float(np.nanmean(wins[n])) for n in names if np.nanmean(wins[n]) in (0.0, 1.0)}
+    names = [n for n in names if n not in out]
     rows, y = [], []
     for k, name in enumerate(names):
         for w, x in zip(wins[name], log_ratios[name]):
             if np.isfinite(w):
                 rows.append([float(j == k) for j in range(len(names))] + [x])
                 y.append(w)
-    X, y = np.array(rows), np.array(y)
+    X, y = np.array(rows).reshape(len(rows), len(names) + 1), np.array(y)
+    if not names or np.linalg.matrix_rank(X) < X.shape[1]:  # no length varies within a policy: slope unknown
+        undefined |= {n: "its length ratio to the reference never varies (nor any other policy's): the preference "
+                      "at equal length is not measured" for n in names}
+        return out, None, undefined
     theta = np.zeros(X.shape[1])
     for _ in range(100):
         p = 1 / (1 + np.exp(-X @ theta))
@@ -166,7 +188,8 @@ def length_controlled(wins, log_ratios, ridge=1e-4):
         theta -= step
         if np.abs(step).max() < 1e-10:
             break
-    return {name: float(1 / (1 + math.exp(-theta[k]))) for k, name in enumerate(names)}, float(theta[-1])
+    out |= {name: float(1 / (1 + math.exp(-theta[k]))) for k, name in enumerate(names)}
+    return {n: out[n] for n in wins if n in out}, float(theta[-1]), undefined
 
 
 def agreement(diff, choice):
@@ -405,7 +428,16 @@ def reference_texts(task, data_dir):
 def rm_analysis(comps, rm, rm_ckpt, sft, refs_by_id, run):
     """Section 4.4: agreement with the labelers' choices of the RM and of simple metrics, on the same held-out
     pairs. For synth also the labelers' agreement with each other there (the ceiling), and the length bias: how
-    often the RM, the labelers and the gold rubric prefer the longer summary."""
+    often the RM, the labelers and the gold rubric prefer the longer summary. A pair with a summary longer than the
+    reward model reads is dropped and counted, as reward.py drops it (data.prepare_comparisons)."""
+    spec = data.TASKS[run.task]
+    kept = data.prepare_comparisons(comps, run.enc, spec["query_len"], spec["rm_response_len"])["index"]
+    dropped, comps = len(comps) - len(kept), [comps[i] for i in kept]
+    if dropped:
+        print(f"evaluate: RM analysis: dropped {dropped} of {dropped + len(comps)} comparisons with a summary longer "
+              f"than the reward model reads ({spec['rm_response_len']} tokens with the EOS), as reward.py does")
+    if not comps:
+        return dict(n=0, dropped_long=dropped, agreement={}, prefers_longer={})
     s0, s1 = [c["summaries"][0] for c in comps], [c["summaries"][1] for c in comps]
     choice = np.array([c["choice"] for c in comps])
     refs = [refs_by_id.get(c["id"]) for c in comps]
@@ -420,7 +452,7 @@ def rm_analysis(comps, rm, rm_ckpt, sft, refs_by_id, run):
         diffs["reward model"] = score(s1) - score(s0)
     if sft is not None:
         diffs["log-prob under SFT"] = summary_logprobs(sft, comps, s1, run) - summary_logprobs(sft, comps, s0, run)
-    out = dict(n=len(comps), agreement={k: agreement(d, choice) for k, d in diffs.items()})
+    out = dict(n=len(comps), dropped_long=dropped, agreement={k: agreement(d, choice) for k, d in diffs.items()})
     longer = np.sign(length) != 0
     out["prefers_longer"] = dict(labelers=mean_se(((choice == 1) == (length > 0))[longer]), n=int(longer.sum()))
     if rm is not None:
@@ -546,6 +578,11 @@ def plot(results, out):
 
 def main(argv=None):
     args = parse_args(argv)
+    with run_lock(args.out_dir, "evaluate"):  # one run per out-dir: a second would mix its files with this one's
+        evaluate(args)
+
+
+def evaluate(args):
     t_start = time.time()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -574,8 +611,10 @@ def main(argv=None):
     for name, path in zip(policy_names(args.policies), args.policies):
         results["policies"][name], texts[name], wins[name], lengths[name] = measure(path, name, *setting)
     log_ratio = {n: np.log(np.maximum(lengths[n], 1) / np.maximum(lengths["reference"], 1)) for n in wins}
-    lc, slope = length_controlled({n: w for n, w in wins.items() if n != "reference"}, log_ratio)
-    results["length_controlled"] = dict(preference=lc, slope_per_log_length_ratio=slope)
+    lc, slope, undefined = length_controlled({n: w for n, w in wins.items() if n != "reference"}, log_ratio)
+    results["length_controlled"] = dict(preference=lc, slope_per_log_length_ratio=slope, undefined=undefined)
+    for name, why in undefined.items():
+        print(f"evaluate: no length-controlled preference for {name}: {why}")
 
     if args.sweep:  # figure 5: one run's checkpoints or several betas, against their KL to SFT
         if sft is None:
@@ -619,7 +658,8 @@ def report(results):
                                                         for r in rows))
     if "rm_analysis" in results:
         a = results["rm_analysis"]
-        print(f"  agreement with held-out labeler choices (n={a['n']}): "
+        dropped = f"; {a['dropped_long']} dropped, too long for the RM" if a.get("dropped_long") else ""
+        print(f"  agreement with held-out labeler choices (n={a['n']}{dropped}): "
               + ", ".join(f"{k} {pct(v)}" for k, v in a["agreement"].items()))
         print("  prefers the longer summary: " + ", ".join(f"{k} {pct(v)}" for k, v in a["prefers_longer"].items()
                                                             if k != "n"))
@@ -633,5 +673,5 @@ if __name__ == "__main__":
     try:
         main()
         distributed.finish()
-    except (data.DataError, CheckpointError, JudgeError, FileNotFoundError, ValueError) as e:
+    except (data.DataError, CheckpointError, JudgeError, OSError, ValueError) as e:
         sys.exit(f"evaluate.py: error: {e}")

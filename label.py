@@ -46,8 +46,8 @@ import data
 import synth
 from model import pick_dtype
 from support.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from support.cli import pick_device, positive_int
-from support.files import append_durable, atomic_write
+from support.cli import SEED_MAX, fraction, nonnegative_float, number_in, pick_device, positive_int, seed_int
+from support.files import append_durable, atomic_write, hold_lock
 from support.label_server import RequestError, make_server
 
 AXES = ("overall", "accuracy", "coverage", "coherence")  # the paper's Likert axes, 1-7 (Section 4.1, appendix C)
@@ -75,26 +75,26 @@ def parse_args(argv=None):
                      help="posts to sample pairs for (train: the RM can train on the labels)")
     src.add_argument("--n-pairs", type=positive_int, default=50, help="pairs to label (one post each)")
     src.add_argument("--samples", type=positive_int, default=2, help="samples per post from each policy")
-    src.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (most released samples whose "
-                     "policy name gives one say 0.7; at 0 each policy writes one summary per post)")
-    src.add_argument("--ref-fraction", type=float, default=0.25, help="fraction of pairs with the reference summary")
-    src.add_argument("--valid-fraction", type=float, default=0.2, help="with --split train: this fraction of the "
+    src.add_argument("--temperature", type=nonnegative_float, default=0.7, help="sampling temperature (most "
+                     "released samples whose policy name gives one say 0.7; at 0 each policy writes one summary per "
+                     "post)")
+    src.add_argument("--ref-fraction", type=fraction, default=0.25, help="fraction of pairs with the reference "
+                     "summary (0 to 1)")
+    src.add_argument("--valid-fraction", type=fraction, default=0.2, help="with --split train: this fraction of the "
                      "pairs is of valid-split posts, marked held out (valid2), so a reward model trained on the rest "
                      "is checked against you on posts no stage trained on")
-    src.add_argument("--seed", type=int, default=0, help="seed of the posts, samples, pairs and left/right orders")
+    src.add_argument("--seed", type=seed_int, default=0, help=f"seed of the posts, samples, pairs and left/right "
+                     f"orders (0 to {SEED_MAX})")
     srv = p.add_argument_group("the server")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but 127.0.0.1 lets other "
                      "machines in (the token still guards every judgement)")
-    srv.add_argument("--port", type=int, default=8765, help="port (0: any free one)")
+    srv.add_argument("--port", type=number_in(int, 0, 65535), default=8765, help="port (0: any free one)")
     srv.add_argument("--batch", help="the batch name written in each judgement (default: the --out file's stem)")
     srv.add_argument("--device", default="auto", help="where to sample: auto (cuda if available), cpu, cuda, ...")
     srv.add_argument("--quiet", action="store_true", help="do not log each request")
     args = p.parse_args(argv)
     if args.policies and args.relabel:
         p.error("--policies and --relabel are two sources of pairs: give one")
-    for flag in ("ref_fraction", "valid_fraction"):
-        if not 0 <= getattr(args, flag) <= 1:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a fraction between 0 and 1")
     return args
 
 
@@ -359,19 +359,9 @@ def read_labels(path, repair):
 
 def lock_labels(path):
     """One server per labels file: a second one would append beside the first, and neither would see the other's
-    judgements (the check against labelling a pair twice lives in each server's memory). Returns the lock file, held
-    until it is closed (use it in a with block)."""
-    lock = open(str(path) + ".lock", "w")
-    try:
-        import fcntl  # Unix; on Windows nothing stops a second server: run one per file
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:
-        pass
-    except BlockingIOError:
-        lock.close()
-        raise SystemExit(f"label.py: error: another label.py is serving {path} (it holds {path}.lock); stop it, "
-                         "or let everyone use its address") from None
-    return lock
+    judgements (the check against labelling a pair twice lives in each server's memory). A context manager."""
+    return hold_lock(str(path) + ".lock", f"label.py: error: another label.py (pid {{pid}}) is serving {path} (it "
+                     f"holds {path}.lock); stop it, or let everyone use its address")
 
 
 # ----------------------------------------------------------------------------------------------------------------

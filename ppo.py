@@ -37,9 +37,11 @@ import torch
 import data
 from model import autocast, pick_dtype, response_logprobs, reward_at_eos, row_noise, trim_padding
 from support import distributed
-from support.checkpoint import (CheckpointError, load_checkpoint, load_resume_state, model_from_checkpoint,
-                                save_checkpoint, save_resume_state, stop_if_not_finite)
-from support.cli import add_run_args, add_task_args, fill_task_defaults, positive_int
+from support.checkpoint import (CheckpointError, input_digests, load_checkpoint, load_resume_state,
+                                model_from_checkpoint, save_checkpoint, save_resume_state, stop_if_not_finite)
+from support.cli import (add_run_args, add_task_args, fill_task_defaults, finite_float, fraction, nonnegative_float,
+                         positive_float, positive_int)
+from support.files import run_lock
 from support.optim import configure_optimizers, optimizer_step, paper_lr
 from support.steplog import StepLog
 
@@ -143,17 +145,19 @@ def parse_args(argv=None):
     p.add_argument("--sft", help="policy and reference (default: <out>/sft.pt)")
     p.add_argument("--reward", help="reward model, and the value network's start (default: <out>/reward.pt)")
     # the objective
-    p.add_argument("--beta", type=float, default=0.05, help="KL penalty coefficient (the paper: 0.05)")
-    p.add_argument("--target-kl", type=float, help="adapt beta so the KL per response tracks this many nats "
-                   "(Ziegler et al. 2019); off by default: beta stays fixed")
+    p.add_argument("--beta", type=nonnegative_float, default=0.05, help="KL penalty coefficient (the paper: 0.05; "
+                   "0: no penalty)")
+    p.add_argument("--target-kl", type=positive_float, help="adapt beta so the KL per response tracks this many nats, "
+                   "more than 0 (Ziegler et al. 2019); off by default: beta stays fixed")
     p.add_argument("--kl-horizon", type=positive_int, default=10_000,
                    help="episodes over which the adaptive beta can move")
-    p.add_argument("--no-eos-score", type=float, default=-1.0, help="the score of a response without EOS")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, used in every log-prob "
-                   "forward too")
+    p.add_argument("--no-eos-score", type=finite_float, default=-1.0, help="the score of a response without EOS")
+    p.add_argument("--temperature", type=positive_float, default=0.7, help="sampling temperature, more than 0: every "
+                   "log-prob forward divides the logits by it too")
     # PPO
     p.add_argument("--episodes", type=positive_int,
-                   help="responses sampled in all (tldr: 1M, the paper's; synth: 3,200)")
+                   help="responses sampled in all, a multiple of --rollout-batch-size (tldr: 1M, the paper's; synth: "
+                   "3,200; the default is rounded down to whole rollout batches, e.g. 999,936 at 512)")
     p.add_argument("--rollout-batch-size", type=positive_int,
                    help="responses per update, over all processes under torchrun "
                    "(tldr: 512)")
@@ -167,15 +171,17 @@ def parse_args(argv=None):
                    "GPU as many as half its free memory holds, on a CPU the process's whole share of the rollout "
                    "batch); it changes the result only by float rounding")
     p.add_argument("--ppo-epochs", type=positive_int, default=4, help="passes over each rollout batch")
-    p.add_argument("--lr", type=float, help="peak learning rate, decayed linearly to 0. tldr default: the paper's "
-                   "PPO rates (1.5e-5 at 1.3B, 7e-6 at 6.7B) along their power law, but never above 1.5e-5 (so "
-                   "1.5e-5 for every GPT-2 up to 1.3B; see tldr_lr); synth: 3e-5")
-    p.add_argument("--gamma", type=float, default=1.0, help="discount")
-    p.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
-    p.add_argument("--clip", type=float, default=0.2, help="policy ratio clip")
-    p.add_argument("--clip-value", type=float, default=0.2, help="value clip")
-    p.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate, decayed linearly to 0. tldr default: the "
+                   "paper's PPO rates (1.5e-5 at 1.3B, 7e-6 at 6.7B) along their power law, but never above 1.5e-5 "
+                   "(so 1.5e-5 for every GPT-2 up to 1.3B; see tldr_lr); synth: 3e-5")
+    p.add_argument("--gamma", type=fraction, default=1.0, help="discount, 0 to 1")
+    p.add_argument("--lam", type=fraction, default=0.95, help="GAE lambda, 0 to 1")
+    p.add_argument("--clip", type=positive_float, default=0.2, help="policy ratio clip: the ratio is clipped to "
+                   "1 - this .. 1 + this, more than 0")
+    p.add_argument("--clip-value", type=positive_float, default=0.2, help="value clip: a new value is kept within this "
+                   "of the rollout's, more than 0")
+    p.add_argument("--vf-coef", type=nonnegative_float, default=0.1, help="weight of the value loss")
+    p.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="clip the gradient norm (0: off)")
     # evaluation, checkpoints
     p.add_argument("--eval-every", type=positive_int,
                    help="updates between temperature-0 samples of fixed validation posts")
@@ -189,6 +195,7 @@ def parse_args(argv=None):
                  "first minibatch's ratio is then 1 up to float rounding, not exactly: the compiled training graph "
                  "fuses its arithmetic differently from the rollout's forward")
     args = p.parse_args(argv)
+    episodes_given = args.episodes is not None
     fill_task_defaults(args, DEFAULTS)
     args.sft = args.sft or str(Path(args.out_dir) / "sft.pt")
     args.reward = args.reward or str(Path(args.out_dir) / "reward.pt")
@@ -211,6 +218,10 @@ def parse_args(argv=None):
                                 args.micro_batch_size)
     if args.episodes < args.rollout_batch_size:
         p.error(f"--episodes {args.episodes} is less than one --rollout-batch-size {args.rollout_batch_size}")
+    if args.episodes % args.rollout_batch_size:  # every update samples a whole rollout batch
+        if episodes_given:
+            p.error(f"--episodes {args.episodes} is not a multiple of --rollout-batch-size {args.rollout_batch_size}")
+        args.episodes -= args.episodes % args.rollout_batch_size  # the task's default, as its help says
     if args.minibatch_size > args.rollout_batch_size:
         p.error(f"--minibatch-size {args.minibatch_size} is larger than --rollout-batch-size {args.rollout_batch_size}")
     return args
@@ -419,17 +430,18 @@ def print_row(row, n_updates):
         print(f"    ref:{s['reference']}\n    ppo:{s['policy']}")
 
 
-def save_resume(path, policy, value, optimizer, kl_ctl, meta):
+def save_resume(path, policy, value, optimizer, kl_ctl, inputs, meta):
     """What --resume needs besides the policy and its optimizer: the value network and the adaptive beta. (Sampling
     needs no state: each episode's noise comes from its seed.)"""
     if distributed.is_main():
         save_resume_state(path, policy, optimizer, value=value.state_dict(),
-                          beta=kl_ctl.beta if kl_ctl else meta["args"].beta, **meta)
+                          beta=kl_ctl.beta if kl_ctl else meta["args"].beta, inputs=inputs, **meta)
 
 
-def resume(path, policy, value, optimizer, kl_ctl, args):
-    """Restore what save_resume wrote (refused if the flags changed); returns the update to continue from."""
-    state = load_resume_state(path, policy, optimizer, "ppo", args)
+def resume(path, policy, value, optimizer, kl_ctl, args, inputs):
+    """Restore what save_resume wrote (refused if the flags or input files changed); returns the update to continue
+    from."""
+    state = load_resume_state(path, policy, optimizer, "ppo", args, inputs)
     value.load_state_dict(state["value"])
     if kl_ctl:
         kl_ctl.beta = state["beta"]
@@ -473,6 +485,11 @@ def finish(policy, final, args, enc, out, update, t_start, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    with run_lock(args.out_dir, "ppo"):  # one run per out-dir: a second would mix its files with this one's
+        run(args)
+
+
+def run(args):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -482,7 +499,11 @@ def main(argv=None):
     pad, eos = data.pad_id(enc), enc.eot_token
 
     policy, ref, value, rm = build_models(args, enc, device)
-    args.lr = args.lr or tldr_lr(policy.num_params())
+    # what a resume must find unchanged: the SFT and reward models and the posts
+    files = {f"--data-dir {split}": data.split_path(args.task, split, args.data_dir) for split in ("train", "valid")}
+    inputs = input_digests({"--sft": args.sft, "--reward": args.reward, **files})
+    if args.lr is None:  # tldr: by model size (0 is refused by --lr's type, never read as unset)
+        args.lr = tldr_lr(policy.num_params())
     optimizer = configure_optimizers(torch.nn.ModuleList([policy, value]), args.lr, device_type=device.type)
     # Training forwards go through DDP under torchrun, which averages the gradients of policy and value.
     train_policy, train_value = distributed.wrap(policy, device), distributed.wrap(value, device)
@@ -497,7 +518,7 @@ def main(argv=None):
     n_updates = args.episodes // args.rollout_batch_size
     share = args.rollout_batch_size // distributed.world_size()
     args.sample_batch_size = sample_batch_size(args, policy, share, device, dtype)
-    update = resume(out / "ppo.resume.pt", policy, value, optimizer, kl_ctl, args) if args.resume else 0
+    update = resume(out / "ppo.resume.pt", policy, value, optimizer, kl_ctl, args, inputs) if args.resume else 0
     print(f"ppo: {args.task}, policy {policy.num_params():,} parameters, {n_updates} updates of "
           f"{args.rollout_batch_size} episodes, lr {args.lr:.2e}, beta {args.beta}"
           + (f" (adaptive, target KL {args.target_kl})" if kl_ctl else "") + f", {device} {dtype}"
@@ -538,7 +559,7 @@ def main(argv=None):
         if update % args.save_every == 0 and distributed.is_main():
             save_checkpoint(out / f"ppo_step{update}.pt", policy, **meta)
         if update % args.save_every == 0 or update == args.stop_after:
-            save_resume(out / "ppo.resume.pt", policy, value, optimizer, kl_ctl, meta)
+            save_resume(out / "ppo.resume.pt", policy, value, optimizer, kl_ctl, inputs, meta)
         if update == args.stop_after and update < n_updates:
             print(f"ppo: stopped after update {update} (--stop-after); continue with --resume")
             return
@@ -553,5 +574,5 @@ if __name__ == "__main__":
     try:
         main()
         distributed.finish()
-    except (data.DataError, CheckpointError, FileNotFoundError, ConnectionError, ValueError, FloatingPointError) as e:
+    except (data.DataError, CheckpointError, OSError, ValueError, FloatingPointError) as e:
         sys.exit(f"ppo.py: error: {e}")

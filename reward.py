@@ -29,10 +29,11 @@ import data
 import synth
 from model import autocast, pick_dtype, reward_at_eos, trim_padding
 from support import distributed
-from support.checkpoint import (CheckpointError, load_checkpoint, load_resume_state, model_from_checkpoint,
-                                save_checkpoint, save_resume_state, stop_if_not_finite)
-from support.cli import add_run_args, add_task_args, fill_task_defaults, positive_int
-from support.files import atomic_write
+from support.checkpoint import (CheckpointError, check_resume, input_digests, load_checkpoint, load_resume_state,
+                                model_from_checkpoint, save_checkpoint, save_resume_state, stop_if_not_finite)
+from support.cli import (add_run_args, add_task_args, fill_task_defaults, fraction, nonnegative_float, positive_float,
+                         positive_int, warmup_fraction)
+from support.files import atomic_write, run_lock
 from support.optim import configure_optimizers, cosine_lr, optimizer_step, paper_lr
 from support.steplog import StepLog
 
@@ -56,9 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--valid-posts", type=positive_int, default=1000, help="synth: held-out validation posts, one each")
     p.add_argument("--samples", type=positive_int, default=2,
                    help="synth: SFT samples per post to pair with each other")
-    p.add_argument("--temperature", type=float, default=1.0, help="synth: sampling temperature of those samples "
-                   "(variety: at 0 both samples would be the same)")
-    p.add_argument("--ref-fraction", type=float, default=0.25, help="synth: fraction of pairs with the reference")
+    p.add_argument("--temperature", type=nonnegative_float, default=1.0, help="synth: sampling temperature of those "
+                   "samples (variety: at 0, the most likely tokens, both samples are the same, so every pair is one "
+                   "of them and the reference)")
+    p.add_argument("--ref-fraction", type=fraction, default=0.25, help="synth: fraction of pairs with the reference "
+                   "(0 to 1)")
     p.add_argument("--labelers", type=positive_int, default=10, help="synth: simulated labelers")
     # optimization
     p.add_argument("--batch-size", type=positive_int,
@@ -67,14 +70,15 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-size", type=positive_int,
                    help="comparisons per forward/backward in each process (lower it "
                    "to fit memory)")
-    p.add_argument("--lr", type=float, help="peak learning rate. tldr default: the paper's RM rates (1.5e-5 at "
-                   "1.3B, 5e-6 at 6.7B) extrapolated by their power law to the model size (7.2e-5 for 124M, 1.4e-5 "
-                   "for 1.5B); synth: 1.5e-3")
-    p.add_argument("--warmup", type=float, help="fraction of steps with linear warm-up, then cosine decay to 0")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the comparisons (the paper: 1; more "
-                   "overfits)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on 2-D weights")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate. tldr default: the paper's RM rates "
+                   "(1.5e-5 at 1.3B, 5e-6 at 6.7B) extrapolated by their power law to the model size (7.2e-5 for "
+                   "124M, 1.4e-5 for 1.5B); synth: 1.5e-3")
+    p.add_argument("--warmup", type=warmup_fraction, help="fraction of steps with linear warm-up, at least 0 and less "
+                   "than 1; then cosine decay to 0")
+    p.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the comparisons, a fraction "
+                   "allowed (the paper: 1; more overfits)")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="AdamW weight decay on 2-D weights")
+    p.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="clip the gradient norm (0: off)")
     # evaluation, normalization and logging
     p.add_argument("--eval-every", type=positive_int,
                    help="steps between held-out accuracies on --val-size comparisons")
@@ -156,7 +160,8 @@ def accuracy_report(correct, arrays, rows, task):
 
 
 def load_comparisons(args, enc, sft_ckpt, device, dtype):
-    """The comparison rows for this task: read from files, or (synth) collected first with the simulated labelers."""
+    """The comparison rows for this task and their files: read from files, or (synth) collected first with the
+    simulated labelers."""
     if args.comparisons:
         files = [Path(f) for f in args.comparisons]
     elif args.task == "tldr":
@@ -168,8 +173,9 @@ def load_comparisons(args, enc, sft_ckpt, device, dtype):
         folder = Path(args.out_dir) / "comparisons"
         files = [folder / "synth_train.json", folder / "synth_valid.json"]
         # Under torchrun rank 0 collects alone (sampling and labeling stay those of one process); the others wait.
-        if distributed.is_main() and (args.collect or stale_comparisons(folder, files, collection_key(args, sft_ckpt))):
-            collect_synth(args, enc, sft_ckpt, files, device, dtype)
+        key = collection_key(args, sft_ckpt)
+        if distributed.is_main() and (args.collect or stale_comparisons(folder, files, key)):
+            collect_synth(args, enc, sft_ckpt, files, key, device, dtype)
         distributed.barrier()
     records = data.read_comparisons(files)
     synthetic = [str(r["id"]).startswith(synth.WORLD + "_") for r in records]
@@ -177,16 +183,18 @@ def load_comparisons(args, enc, sft_ckpt, device, dtype):
         raise data.DataError(f"{files}: comparisons of Reddit posts, but --task synth")
     if args.task == "tldr" and any(synthetic):
         raise data.DataError(f"{files}: comparisons of the synthetic task, but --task tldr")
-    return records
+    return records, files
 
 
 def collection_key(args, sft_ckpt):
-    """What synth comparisons depend on: the SFT weights that were sampled (a digest) and the collection flags."""
+    """What synth comparisons depend on: the SFT weights that were sampled (a digest), the collection flags, and the
+    gold rubric and simulated labelers that judged them (what they answer on fixed probes)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(sft_ckpt["model"].items()):
         digest.update(name.encode() + tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     flags = ("train_posts", "valid_posts", "samples", "labelers", "temperature", "ref_fraction", "seed", "data_dir")
-    return dict(sft=digest.hexdigest(), **{k: getattr(args, k) for k in flags})
+    return dict(sft=digest.hexdigest(), judges=synth.judging_fingerprint(args.labelers, args.seed),
+                **{k: getattr(args, k) for k in flags})
 
 
 def stale_comparisons(folder, files, key):
@@ -199,12 +207,17 @@ def stale_comparisons(folder, files, key):
     if old != key:
         why = ("no record of the sft.pt they came from" if old is None else
                "they came from another sft.pt" if old.get("sft") != key["sft"] else
+               "the gold rubric or the simulated labelers changed since" if old.get("judges") != key["judges"] else
                "they were collected with other settings: " + ", ".join(k for k in key if old.get(k) != key[k]))
         print(f"reward: collecting the comparisons in {folder} anew: {why}")
     return old != key
 
 
-def collect_synth(args, enc, sft_ckpt, files, device, dtype):
+def collect_synth(args, enc, sft_ckpt, files, key, device, dtype):
+    """Collect the comparisons into files. The record of what they came from (key) is removed first and written
+    last: a run killed in between leaves no record, and the next run collects anew instead of trusting the files."""
+    record = files[0].parent / "synth_collected.json"
+    record.unlink(missing_ok=True)
     sft_model = model_from_checkpoint(sft_ckpt).to(device).eval()  # the policy whose samples are compared
     labelers = synth.make_labelers(args.labelers, seed=args.seed)
     rng = np.random.default_rng(args.seed)
@@ -218,7 +231,7 @@ def collect_synth(args, enc, sft_ckpt, files, device, dtype):
                               split="train" if split == "train" else name, batch=f"synth_{split}",
                               batch_size=256, device=device, dtype=dtype, generator=gen)
         data.write_jsonl(path, comps)
-    atomic_write(files[0].parent / "synth_collected.json", json.dumps(collection_key(args, sft_ckpt), indent=1) + "\n")
+    atomic_write(record, json.dumps(key, indent=1) + "\n")
     print(f"reward: collected {args.train_posts:,} training and {args.valid_posts:,} held-out comparisons of SFT "
           f"samples (T={args.temperature:g}, {args.ref_fraction:.0%} with the reference) in {time.time() - t0:.0f}s")
 
@@ -313,6 +326,11 @@ def print_report(metrics, args, out):
 
 def main(argv=None):
     args = parse_args(argv)
+    with run_lock(args.out_dir, "reward"):  # one run per out-dir: a second would mix its files with this one's
+        run(args)
+
+
+def run(args):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -324,7 +342,13 @@ def main(argv=None):
 
     # the SFT model: the reward model's starting point and, for synth, the policy whose samples are compared
     sft_ckpt = load_checkpoint(args.sft, stage="sft", task=args.task, tokenizer=enc.name)
-    records = load_comparisons(args, enc, sft_ckpt, device, dtype)
+    # what a resume must find unchanged: the SFT weights, the posts that set the bias, the comparisons (checked
+    # before a synth collection could replace them, then once they are read)
+    inputs = input_digests({"--sft": args.sft, "--data-dir train": data.split_path(args.task, "train", args.data_dir)})
+    if args.resume:
+        check_resume(out / "reward.resume.pt", "reward", args, inputs, partial=True)
+    records, files = load_comparisons(args, enc, sft_ckpt, device, dtype)
+    inputs.update(input_digests({f"--comparisons {i + 1}": f for i, f in enumerate(files)}))
     with distributed.main_first():
         arrays = data.prepare_comparisons(records, enc, task["query_len"], task["rm_response_len"], args.cache_dir)
     train_rows, eval_rows, val_rows = split_rows(arrays, args)
@@ -333,9 +357,11 @@ def main(argv=None):
     # the SFT trunk with a fresh scalar head, N(0, 1/(d+1)) (initialized in GPT)
     torch.manual_seed(args.seed)  # the head's draw must not depend on whether comparisons were collected first
     rm = model_from_checkpoint(sft_ckpt, head="scalar").to(device)
-    args.lr = args.lr or paper_lr("reward", rm.num_params())
+    if args.lr is None:  # tldr: by model size (0 is refused by --lr's type, never read as unset)
+        args.lr = paper_lr("reward", rm.num_params())
     optimizer = configure_optimizers(rm, args.lr, args.weight_decay, device_type=device.type)
-    step = load_resume_state(out / "reward.resume.pt", rm, optimizer, "reward", args)["step"] if args.resume else 0
+    step = (load_resume_state(out / "reward.resume.pt", rm, optimizer, "reward", args, inputs)["step"]
+            if args.resume else 0)
     forward = torch.compile(rm) if args.compile else rm
     train_forward = distributed.wrap(forward, device)  # DDP under torchrun: gradients averaged in backward()
     world = distributed.world_size()
@@ -366,7 +392,7 @@ def main(argv=None):
               + (f" | val acc {row['val_accuracy']:.3f}" if "val_accuracy" in row else ""))
         if (step % args.save_every == 0 or step == args.stop_after) and distributed.is_main():
             save_resume_state(out / "reward.resume.pt", rm, optimizer, stage="reward", task=args.task,
-                              tokenizer=enc.name, args=args, step=step)
+                              tokenizer=enc.name, args=args, step=step, inputs=inputs)
         if step == args.stop_after and step < total_steps:
             print(f"reward: stopped after step {step} (--stop-after); continue with --resume")
             return
@@ -388,5 +414,5 @@ if __name__ == "__main__":
     try:
         main()
         distributed.finish()
-    except (data.DataError, CheckpointError, FileNotFoundError, ConnectionError, ValueError, FloatingPointError) as e:
+    except (data.DataError, CheckpointError, OSError, ValueError, FloatingPointError) as e:
         sys.exit(f"reward.py: error: {e}")

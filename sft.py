@@ -24,9 +24,11 @@ import torch.nn.functional as F
 import data
 from model import GPT, GPTConfig, autocast, pick_dtype, sample_responses, trim_padding
 from support import distributed, hf
-from support.checkpoint import (CheckpointError, load_checkpoint, load_resume_state, model_from_checkpoint,
-                                save_checkpoint, save_resume_state, stop_if_not_finite)
-from support.cli import add_run_args, add_task_args, fill_task_defaults, positive_int
+from support.checkpoint import (CheckpointError, check_finite, input_digests, load_checkpoint, load_resume_state,
+                                model_from_checkpoint, save_checkpoint, save_resume_state, stop_if_not_finite)
+from support.cli import (add_run_args, add_task_args, fill_task_defaults, nonnegative_float, positive_float,
+                         positive_int, warmup_fraction)
+from support.files import run_lock
 from support.optim import configure_optimizers, cosine_lr, optimizer_step, paper_lr
 from support.steplog import StepLog
 
@@ -56,25 +58,28 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-size", type=positive_int,
                    help="examples per forward/backward in each process; gradients "
                    "accumulate over batch-size / (micro-batch-size x processes) of them (lower it to fit memory)")
-    p.add_argument("--lr", type=float, help="peak learning rate. tldr default: the paper's SFT rates (6.35e-5 at "
-                   "1.3B, 2.83e-5 at 6.7B) extrapolated by their power law to the model size (2.0e-4 for 124M, "
-                   "5.9e-5 for 1.5B); synth: 6e-3, high enough that the from-scratch model learns to copy a "
-                   "number from the post within 2 epochs (at 2e-3 it does not: see README)")
-    p.add_argument("--warmup", type=float, help="fraction of the steps with a linear warm-up (tldr 0, synth 0.05); "
-                   "then cosine decay to 0")
-    p.add_argument("--epochs", type=float, help="passes over the training posts (tldr: 1, the paper's; synth: 2)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on 2-D weights")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate. tldr default: the paper's SFT rates "
+                   "(6.35e-5 at 1.3B, 2.83e-5 at 6.7B) extrapolated by their power law to the model size (2.0e-4 "
+                   "for 124M, 5.9e-5 for 1.5B); synth: 6e-3, high enough that the from-scratch model learns to copy "
+                   "a number from the post within 2 epochs (at 2e-3 it does not: see README)")
+    p.add_argument("--warmup", type=warmup_fraction, help="fraction of the steps with a linear warm-up, at least 0 and "
+                   "less than 1 (tldr 0, synth 0.05); then cosine decay to 0")
+    p.add_argument("--epochs", type=positive_float, help="passes over the training posts, a fraction allowed (tldr: 1, "
+                   "the paper's; synth: 2)")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="AdamW weight decay on 2-D weights")
+    p.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="clip the gradient norm (0: off)")
     p.add_argument("--loss-on", choices=["summary", "all"], default="summary", help="summary: loss on the summary "
                    "tokens and EOS (the paper); all: on the query's tokens too")
     # evaluation and logging
     p.add_argument("--eval-every", type=positive_int, help="steps between validation losses")
     p.add_argument("--val-size", type=positive_int, help="validation posts for the validation loss")
-    p.add_argument("--sample-n", type=int, help="validation posts summarized at temperature 0 at the end (ROUGE, "
-                   "length, and for synth the gold preference over the references)")
+    p.add_argument("--sample-n", type=positive_int, help="validation posts summarized at temperature 0 at the end "
+                   "(ROUGE, length, and for synth the gold preference over the references)")
     p.add_argument("--save-every", type=positive_int, help="steps between resumable checkpoints (<out>/sft.resume.pt)")
     add_run_args(p, "sft")
     args = p.parse_args(argv)
+    if args.n_embd % args.n_head:  # the model's attention splits the width into equal heads
+        p.error(f"--n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
     fill_task_defaults(args, DEFAULTS)
     # synth: each process's share of the batch in one pass
     args.micro_batch_size = args.micro_batch_size or max(1, args.batch_size // distributed.world_size())
@@ -194,6 +199,7 @@ def finish(model, last, records, sample, responses, args, enc, out, step, t_star
         metrics["gold_win_rate_vs_ref"] = synth.gold_win_rate(records, texts)
         metrics["gold_win_rate_stderr"] = math.sqrt(metrics["gold_win_rate_vs_ref"] *
                                                     (1 - metrics["gold_win_rate_vs_ref"]) / len(texts))
+    check_finite(out / "sft.pt", model=model.state_dict(), metrics=metrics)  # before any final file
     with open(out / "sft_samples.jsonl", "w") as f:
         for rec, text in zip(records, texts):
             f.write(json.dumps(dict(id=rec["id"], reference=data.as_response(rec["summary"]), sft=text)) + "\n")
@@ -209,6 +215,11 @@ def finish(model, last, records, sample, responses, args, enc, out, step, t_star
 
 def main(argv=None):
     args = parse_args(argv)
+    with run_lock(args.out_dir, "sft"):  # one run per out-dir: a second would mix its files with this one's
+        run(args)
+
+
+def run(args):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -219,6 +230,9 @@ def main(argv=None):
     pad, Lq, Lr = data.pad_id(enc), task["query_len"], task["response_len"]
 
     train, valid, valid_records = load_data(args, enc)
+    # what a resume must find unchanged: the starting weights and the posts
+    files = {f"--data-dir {split}": data.split_path(args.task, split, args.data_dir) for split in ("train", "valid")}
+    inputs = input_digests({"--model": args.model, **files})
     val = {k: v[:args.val_size] for k, v in valid.items()}
     n_train = len(train["query"])
     total_steps = int(args.epochs * n_train) // args.batch_size
@@ -228,9 +242,11 @@ def main(argv=None):
     model = build_model(args, enc, Lq + task["rm_response_len"]).to(device)  # room for the RM's longer responses
     if Lq + Lr > model.config.block_size:
         raise ValueError(f"queries of {Lq} + responses of {Lr} tokens exceed the model's {model.config.block_size}")
-    args.lr = args.lr or paper_lr("sft", model.num_params())
+    if args.lr is None:  # tldr: by model size (0 is refused by --lr's type, never read as unset)
+        args.lr = paper_lr("sft", model.num_params())
     optimizer = configure_optimizers(model, args.lr, args.weight_decay, device_type=device.type)
-    step = load_resume_state(out / "sft.resume.pt", model, optimizer, "sft", args)["step"] if args.resume else 0
+    step = (load_resume_state(out / "sft.resume.pt", model, optimizer, "sft", args, inputs)["step"]
+            if args.resume else 0)
     forward = torch.compile(model) if args.compile else model
     train_forward = distributed.wrap(forward, device)  # DDP under torchrun: gradients averaged in backward()
     world = distributed.world_size()
@@ -262,7 +278,7 @@ def main(argv=None):
               f" | {row['elapsed']:.1f}s" + (f" | val loss {row['val_loss']:.4f}" if "val_loss" in row else ""))
         if (step % args.save_every == 0 or step == args.stop_after) and distributed.is_main():
             save_resume_state(out / "sft.resume.pt", model, optimizer, stage="sft", task=args.task,
-                              tokenizer=enc.name, args=args, step=step)
+                              tokenizer=enc.name, args=args, step=step, inputs=inputs)
         if step == args.stop_after and step < total_steps:
             print(f"sft: stopped after step {step} (--stop-after); continue with --resume")
             return
@@ -278,5 +294,5 @@ if __name__ == "__main__":
     try:
         main()
         distributed.finish()
-    except (data.DataError, CheckpointError, FileNotFoundError, ConnectionError, ValueError, FloatingPointError) as e:
+    except (data.DataError, CheckpointError, OSError, ValueError, FloatingPointError) as e:
         sys.exit(f"sft.py: error: {e}")

@@ -27,6 +27,7 @@ confidence. `data.collect_comparisons` asks them about pairs of summaries and wr
 """
 import argparse
 import functools
+import hashlib
 import json
 import math
 import random
@@ -41,6 +42,7 @@ import numpy as np
 from data import (PAT_ASCII, SYNTH_TOKENIZER, TASKS, TEMPLATES, DataError, as_response, collect_comparisons,
                   format_query, get_tokenizer, load_split, sample_candidates, write_jsonl)
 from support.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from support.cli import SEED_MAX, fraction, nonnegative_float, nonnegative_int, positive_int, seed_int
 from support.files import atomic_write
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,6 +169,28 @@ def _facts(record):
     if world["post"] != record.get("post"):
         raise DataError(f"record {record.get('id')}: its post differs from the synthetic world's (another version?)")
     return facts
+
+
+_CHECKED = set()  # hashes of the (id, post) pairs check_post passed: a stage reads the train split more than once
+
+
+def check_post(record):
+    """Refuse a record whose post is not the one its id generates (edited by hand, or written by another version of
+    the world), as data.py reads it: the gold labeler regenerates the facts from the id (_facts) and would refuse
+    it only when it first grades a summary, at the end of a stage. About 20 us a post, once per process."""
+    key = hash((record.get("id"), record["post"]))
+    if key in _CHECKED:
+        return
+    world = _synth_world.__wrapped__(record.get("id"))[0]  # uncached: checking every post would flood the cache
+    if world["post"] == record["post"]:
+        _CHECKED.add(key)
+    else:
+        at = next((i for i, (a, b) in enumerate(zip(record["post"], world["post"])) if a != b),
+                  min(len(record["post"]), len(world["post"])))
+        raise DataError(f"post of {record['id']} differs from the synthetic world's {WORLD} from character {at} "
+                        f"({record['post'][at:at + 30]!r}, the world has {world['post'][at:at + 30]!r}): edited by "
+                        f"hand, or written by another version of synth.py? Restore it or write the data anew "
+                        f"(python synth.py)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -394,6 +418,22 @@ def second_opinion_agreement(comparisons, labelers, rng):
     return p, math.sqrt(p * (1 - p) / len(same))
 
 
+
+def judging_fingerprint(n_labelers, seed, probes=200):
+    """A digest of what the gold rubric and the simulated labelers answer on fixed probes: gold totals of the
+    reference, the perfect summary and each perturbation of `probes` posts, and every labeler's choices and
+    confidences on pairs of them. Comparisons collected under another rubric (its weights, costs, lexicon) or other
+    labelers (their noise, their confidence) give another digest, so they are not reused as if still valid."""
+    digest, labelers = hashlib.sha256(), make_labelers(n_labelers, seed=seed)
+    for i in range(probes):
+        record, rng = synth_record(0, "train", i), random.Random(i)
+        texts = [record["summary"], perfect_summary(record)] + [perturb_summary(record, kind, rng)
+                                                                for kind in PERTURBATIONS]
+        digest.update(" ".join(f"{gold_score(record, t)['total']:.9f}" for t in texts).encode())
+        labeler = labelers[i % len(labelers)]
+        digest.update(str([labeler.compare(record, a, b) for a, b in zip(texts, texts[1:])]).encode())
+    return digest.hexdigest()
+
 def collect(policies, records, enc, labelers, rng, samples=2, temperature=1.0, ref_fraction=0.25, split="train",
             batch="synth_sft", **sampling):
     """Step 1 with the simulated labelers: `samples` summaries per post from each policy ({name: model}), at a
@@ -434,12 +474,15 @@ def write_synth(out_dir, seed=0, sizes=None, n_labelers=10):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default=TASKS["synth"]["data_dir"], help="where to write the splits")
-    parser.add_argument("--seed", type=int, default=0, help="world seed (the tokenizer does not depend on it)")
-    parser.add_argument("--n-train", type=int, default=20000, help="training posts")
-    parser.add_argument("--n-valid", type=int, default=1000, help="validation posts")
-    parser.add_argument("--n-test", type=int, default=1000, help="test posts")
-    parser.add_argument("--n-transfer", type=int, default=1000, help="posts from the held-out subreddit and problems")
-    parser.add_argument("--labelers", type=int, default=10, help="simulated labelers")
+    parser.add_argument("--seed", type=seed_int, default=0, help=f"world seed, 0 to {SEED_MAX} (the tokenizer does "
+                        "not depend on it)")
+    parser.add_argument("--n-train", type=positive_int, default=20000, help="training posts")
+    parser.add_argument("--n-valid", type=nonnegative_int, default=1000, help="validation posts (0: the statistics "
+                        "come from the training posts)")
+    parser.add_argument("--n-test", type=nonnegative_int, default=1000, help="test posts")
+    parser.add_argument("--n-transfer", type=nonnegative_int, default=1000, help="posts from the held-out subreddit "
+                        "and problems")
+    parser.add_argument("--labelers", type=positive_int, default=10, help="simulated labelers")
     sub = parser.add_subparsers(dest="command", help="without a command: generate the splits")
     co = sub.add_parser("collect", help="the paper's step 1: compare samples of policy checkpoints (and references) "
                         "with the simulated labelers, written in the original comparison format")
@@ -447,10 +490,11 @@ def main():
     co.add_argument("--out", required=True, help="the comparisons file to write (JSON lines)")
     co.add_argument("--data-dir", default=TASKS["synth"]["data_dir"], help="the synthetic splits")
     co.add_argument("--split", default="valid", choices=["train", "valid", "test", "transfer"], help="posts to use")
-    co.add_argument("--n-posts", type=int, default=500, help="posts, one comparison each")
-    co.add_argument("--samples", type=int, default=2, help="samples per post and policy")
-    co.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    co.add_argument("--ref-fraction", type=float, default=0.25, help="fraction of pairs with the reference")
+    co.add_argument("--n-posts", type=positive_int, default=500, help="posts, one comparison each")
+    co.add_argument("--samples", type=positive_int, default=2, help="samples per post and policy")
+    co.add_argument("--temperature", type=nonnegative_float, default=1.0, help="sampling temperature (0: the most "
+                    "likely tokens, one summary per policy)")
+    co.add_argument("--ref-fraction", type=fraction, default=0.25, help="fraction of pairs with the reference (0 to 1)")
     args = parser.parse_args()
     if args.command == "collect":
         return collect_command(args)
@@ -480,5 +524,5 @@ def collect_command(args):
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (DataError, CheckpointError, ValueError, OSError) as e:
         sys.exit(f"synth.py: error: {e}")

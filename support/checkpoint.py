@@ -4,6 +4,8 @@ loading never runs code. Every stage writes one ({stage}.pt) and a resume state 
 takes its model shapes, tokenizer and task from the checkpoint it reads, and refuses a mismatch by name.
 """
 import argparse
+import hashlib
+import math
 import pickle
 import zipfile
 from dataclasses import asdict, fields
@@ -36,9 +38,11 @@ def plain(obj):
 
 def save_checkpoint(path, model, *, stage, task, tokenizer, args=None, step=0, metrics=None, **extra):
     """Write {format, stage, task, tokenizer, config, model, args, step, metrics, **extra} atomically (a run killed
-    mid-save leaves the previous checkpoint intact). extra may hold tensors and state dicts (optimizer, RNG)."""
+    mid-save leaves the previous checkpoint intact). extra may hold tensors and state dicts (optimizer, RNG). Weights,
+    metrics or extras that are not finite are refused (check_finite): the previous file stays."""
     ckpt = dict(format=FORMAT, stage=stage, task=task, tokenizer=tokenizer, config=asdict(model.config),
                 model=model.state_dict(), args=plain(args or {}), step=step, metrics=plain(metrics or {}), **extra)
+    check_finite(path, model=ckpt["model"], metrics=ckpt["metrics"], **extra)
     with atomic_open(path, "wb") as f:
         torch.save(ckpt, f)
 
@@ -51,8 +55,14 @@ def load_checkpoint(path, stage=None, task=None, tokenizer=None, map_location="c
     want = (stage,) if isinstance(stage, str) else stage
     what = f"a {' or '.join(want)} checkpoint" if want else "a checkpoint"
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file (expected {what})")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise CheckpointError(f"{path}: {'a folder, not a file' if path.is_dir() else 'no such file'} "
+                              f"(expected {what})")
+    try:  # opened here first: is_zipfile takes a file it may not read for one that is no zip archive
+        with open(path, "rb") as f:
+            is_zip = zipfile.is_zipfile(f)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e}); expected {what}") from None
+    if not is_zip:  # torch.save writes a zip archive
         raise CheckpointError(f"{path}: not a readable checkpoint (not a torch.save archive); expected {what}")
     with zipfile.ZipFile(path) as z:  # torch.load does not check the CRCs: a damaged tensor would load silently
         try:
@@ -81,10 +91,29 @@ def load_checkpoint(path, stage=None, task=None, tokenizer=None, map_location="c
     return ckpt
 
 
-def save_resume_state(path, model, optimizer, *, stage, task, tokenizer, args, step, **extra):
-    """What --resume needs besides the weights: the optimizer, the torch RNG and the step (plus a stage's extras)."""
+def input_digests(inputs):
+    """{what: SHA-256} of the files a run reads, from {what: path} (what: a flag, or "train data"). A folder digests
+    its files and their names; a value that names no file (a GPT-2 preset such as "gpt2", "scratch") stands for
+    itself. A resume compares these, so a run cannot continue on other inputs than it started with."""
+    digests = {}
+    for what, path in inputs.items():
+        path = Path(path)
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        h = hashlib.sha256(b"" if path.exists() else f"name {path}".encode())
+        for f in files if path.exists() else []:
+            h.update(str(f.relative_to(path)).encode() if path.is_dir() else b"")
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+        digests[what] = dict(path=str(path), sha256=h.hexdigest())
+    return digests
+
+
+def save_resume_state(path, model, optimizer, *, stage, task, tokenizer, args, step, inputs, **extra):
+    """What --resume needs besides the weights: the optimizer, the torch RNG, the step, the digests of the run's
+    inputs (input_digests) and a stage's extras."""
     save_checkpoint(path, model, stage=stage, task=task, tokenizer=tokenizer, args=args, step=step,
-                    optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), **extra)
+                    optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), inputs=inputs, **extra)
 
 
 # Flags that change how a run is carried out but not what it computes: a resume may change them. Any other
@@ -94,9 +123,10 @@ RESUMABLE_CHANGES = {"resume", "stop_after", "device", "dtype", "compile", "out_
                      "reward", "model", "comparisons", "collect"}
 
 
-def load_resume_state(path, model, optimizer, stage, args=None):
-    """Restore the weights, the optimizer and the torch RNG saved by save_resume_state; returns the checkpoint (its
-    step and extras). args: the resuming run's flags, refused when they differ from the saved run's."""
+def check_resume(path, stage, args, inputs, partial=False):
+    """The resume state at path, if the resuming run's flags (args) and input files (input_digests) are the saved
+    run's; a CheckpointError naming each difference if not: resumed on other settings or files, a run would
+    silently splice two runs. partial: compare only the inputs given (a stage that checks before it has them all)."""
     state = load_checkpoint(path, stage=stage)
     saved, now = state.get("args") or {}, plain(args or {})
     changed = [k for k in sorted(saved.keys() & now.keys()) if k not in RESUMABLE_CHANGES and saved[k] != now[k]]
@@ -104,8 +134,29 @@ def load_resume_state(path, model, optimizer, stage, args=None):
         flags = ", ".join(f"--{k.replace('_', '-')} {now[k]} (saved: {saved[k]})" for k in changed)
         raise CheckpointError(f"{path}: cannot resume with other settings: {flags}. Resume with the saved ones, "
                               f"or start anew without --resume")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if "inputs" not in state:
+        raise CheckpointError(f"{path}: written by an earlier version that did not record its input files, so a "
+                              f"resume could splice two runs; start anew without --resume")
+    before, nothing = state["inputs"], dict(path=None, sha256=None)
+    other = [w for w in sorted(inputs.keys() if partial else before.keys() | inputs.keys())
+             if before.get(w, nothing)["sha256"] != inputs.get(w, nothing)["sha256"]]
+    if other:
+        raise CheckpointError(f"{path}: cannot resume on other inputs than the run started with: " + "; ".join(
+            f"{w} {inputs.get(w, nothing)['path']} is not the file it started with ({before.get(w, nothing)['path']})"
+            for w in other) + ". Give it the files it started with, or start anew without --resume")
+    return state
+
+
+def load_resume_state(path, model, optimizer, stage, args, inputs):
+    """Restore the weights, the optimizer and the torch RNG saved by save_resume_state, after check_resume; returns
+    the checkpoint (its step and extras)."""
+    state = check_resume(path, stage, args, inputs)
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError) as e:  # the model built from today's flags has another shape
+        raise CheckpointError(f"{path}: the saved weights do not fit this run's model ({str(e).splitlines()[0]}); "
+                              f"start anew without --resume") from None
     torch.set_rng_state(state["rng"])
     print(f"{stage}: resumed at step {state['step']} from {path}")
     return state
@@ -136,6 +187,35 @@ def stop_if_not_finite(loss, where, resume_path):
     written (the last resume state, earlier checkpoints) stays as it was. where: "step 12", "update 4"."""
     if torch.isfinite(torch.as_tensor(loss)).all():
         return
-    kept = (f"the last resume state {resume_path} is kept (fix the cause, e.g. a lower --lr, then --resume)"
-            if Path(resume_path).exists() else "no resume state had been written yet")
-    raise FloatingPointError(f"{where}: the loss is {float(loss)}; stopping before it reaches the weights; {kept}")
+    kept = (f"the last resume state {resume_path} is kept" if Path(resume_path).exists()
+            else "no resume state had been written yet")
+    raise FloatingPointError(f"{where}: the loss is {float(loss)}; stopping before it reaches the weights; {kept}. "
+                             f"{RESTART}")
+
+
+# --resume keeps the saved settings and seed, so it would take the same steps to the same divergence.
+RESTART = "Start anew with other settings (a lower --lr, a smaller --grad-clip), not with --resume"
+
+
+def non_finite(values, name=""):
+    """The name of the first NaN or infinite entry of values (a state dict, a dict of metrics, a tensor, a number,
+    nested), or None when all are finite."""
+    if isinstance(values, dict):
+        return next((bad for k, v in values.items() if (bad := non_finite(v, f"{name}.{k}" if name else k))), None)
+    if isinstance(values, (list, tuple)):
+        return next((bad for i, v in enumerate(values) if (bad := non_finite(v, f"{name}[{i}]"))), None)
+    if isinstance(values, torch.Tensor) and values.is_floating_point():
+        return None if torch.isfinite(values).all() else name
+    if isinstance(values, float):
+        return None if math.isfinite(values) else name
+    return None
+
+
+def check_finite(path, **values):
+    """Refuse to write path when any of values (weights, metrics, a bias) is NaN or infinite: a run that diverged
+    on its last step, after the last loss check, would otherwise leave weights, or metrics such as an accuracy
+    computed from NaN rewards, that look like results. Files already written stay as they were."""
+    bad = non_finite(values)
+    if bad:
+        raise FloatingPointError(f"{path}: not written: {bad} is not finite (the run diverged after its last loss "
+                                 f"check); the files already written are kept. {RESTART}")

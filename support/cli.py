@@ -1,6 +1,7 @@
 """The flags every stage shares - the task and its files, and the run itself (seed, device, precision, resume) - and
 the device they name."""
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -18,6 +19,42 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+SEED_MAX = 2**32 - 1  # every generator a seed reaches takes 0 .. 2**32-1 (numpy's refuse negatives)
+
+
+def number_in(kind=float, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type for a finite int or float from low to high (None: unbounded; an open end excludes the bound
+    itself). A negative learning rate, a fraction of 2 or nan would otherwise run to the end and mean nothing; the
+    error says the range: "must be more than 0, got -1"."""
+    ends = [f"{'more than' if low_open else 'at least'} {low}" if low is not None else "",
+            f"{'less than' if high_open else 'at most'} {high}" if high is not None else ""]
+    bounds = (f"between {low} and {high}" if all(ends) and not (low_open or high_open)
+              else " and ".join(e for e in ends if e))
+
+    def in_range(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if ((low is not None and (value <= low if low_open else value < low))
+                or (high is not None and (value >= high if high_open else value > high))):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+    return in_range
+
+
+positive_float = number_in(float, 0, low_open=True)  # rates, clip ranges, temperatures that divide logits
+nonnegative_float = number_in(float, 0)  # coefficients and temperatures where 0 switches something off
+nonnegative_int = number_in(int, 0)  # counts where 0 means skip
+fraction = number_in(float, 0, 1)  # shares of pairs
+finite_float = number_in(float)  # any score, but not nan or inf
+warmup_fraction = number_in(float, 0, 1, high_open=True)  # of the steps; at 1 no step would be left to decay
+seed_int = number_in(int, 0, SEED_MAX)
 
 
 def add_task_args(p, stage):
@@ -44,15 +81,16 @@ def fill_task_defaults(args, defaults):
 
 def add_run_args(p, stage, compile="torch.compile the model"):
     """The flags every stage shares for the run itself: seed, device, precision, compile (its help), resume."""
-    p.add_argument("--seed", type=int, default=0, help="seed for initialization, data order and sampling")
+    p.add_argument("--seed", type=seed_int, default=0, help=f"seed for initialization, data order and sampling "
+                   f"(0 to {SEED_MAX})")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype: auto = bf16 on GPUs that support it, fp32 otherwise")
     if compile:
         p.add_argument("--compile", action="store_true", help=compile)
     p.add_argument("--resume", action="store_true", help=f"continue an interrupted run from <out>/{stage}.resume.pt")
-    p.add_argument("--stop-after", type=int, help="stop after this many steps as if killed, leaving the resume "
-                   "state (for time-sliced jobs, and the resume tests)")
+    p.add_argument("--stop-after", type=positive_int, help="stop after this many steps as if killed, leaving the "
+                   "resume state (for time-sliced jobs, and the resume tests)")
 
 
 def pick_device(name="auto"):

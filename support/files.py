@@ -1,5 +1,6 @@
-"""The one atomic file writer and the one resumable downloader of the project."""
+"""The one atomic file writer, the one lock and the one resumable downloader of the project."""
 import contextlib
+import errno
 import os
 import shutil
 import urllib.error
@@ -13,29 +14,54 @@ from tqdm import tqdm
 def atomic_open(path, mode="w", **kwargs):
     """Open path.tmp for writing and, when the block ends without an error, replace path with it in one step: a run
     killed mid-write leaves the previous file whole under the real name. The data and the rename are synced to disk
-    first (a power cut must not leave a renamed but empty file). A failed write (a full disk) removes the .tmp and
-    says which file failed and that the previous one is intact. Text is written with "\\n" line ends."""
+    first (a power cut must not leave a renamed but empty file). A failed write (a full disk, a folder that is not
+    writable) removes the .tmp and says which file failed, why, and that the previous one is intact. Text is written
+    with "\\n" line ends."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     if "b" not in mode:
         kwargs.setdefault("encoding", "utf-8")
         kwargs.setdefault("newline", "\n")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # in a folder we may not write, there is no .tmp to remove either
+            tmp.unlink(missing_ok=True)
         # torch.save reports a full disk as a RuntimeError from its zip writer ("inline_container ... unexpected pos")
         if isinstance(e, OSError) or "inline_container" in str(e) or "PytorchStreamWriter" in str(e):
-            kept = "the previous file is intact" if path.exists() else "no earlier file existed"
-            raise OSError(f"could not write {path} ({e}); {kept}. Is the disk full? "
-                          f"({shutil.disk_usage(path.parent).free / 2**20:.0f} MB free)") from e
+            raise OSError(_write_error(path, e)) from e
         raise
     os.replace(tmp, path)
     _sync_folder(path.parent)
+
+
+def _write_error(path, e):
+    """One line for a write of path that failed with e: the cause the OS gave, in words (a folder that is not
+    writable is no full disk), and whether the previous file survived."""
+    try:
+        kept = "the previous file is intact" if path.exists() else "no earlier file existed"
+    except OSError:
+        kept = "the previous file, if any, is untouched"
+    code, name = getattr(e, "errno", None), getattr(e, "filename", None)
+    folder = Path(name).parent if name else path.parent  # open(.tmp) or mkdir(folder) names what it tried to create
+    if code in (errno.EACCES, errno.EPERM):
+        return f"could not write {path} ({e.strerror}: {folder} is not writable); {kept}"
+    if code == errno.EROFS:
+        return f"could not write {path} ({e.strerror}: {folder} cannot be written); {kept}"
+    if code in (errno.EEXIST, errno.ENOTDIR):
+        return f"could not write {path} ({e.strerror}: {name}: a file stands where a folder should be); {kept}"
+    if code in (errno.ENOSPC, errno.EDQUOT) or not isinstance(e, OSError):
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MB free"
+        except OSError:
+            free = "free space unknown"
+        full = "The disk is full" if isinstance(e, OSError) else "Is the disk full?"  # torch's error does not say
+        return f"could not write {path} ({e}); {kept}. {full} ({free})"
+    return f"could not write {path} ({e}); {kept}"
 
 
 def _sync_folder(folder):
@@ -72,6 +98,44 @@ def append_durable(path, text):
         os.close(fd)
     if new:
         _sync_folder(path.parent)
+
+
+@contextlib.contextmanager
+def hold_lock(path, busy):
+    """Hold an exclusive lock on the file path for the block, with this process's pid written in it. A second
+    holder is refused with SystemExit(busy.format(pid=the holder's pid)). The lock is the OS's (flock): it ends with
+    the process however the process ends, so a killed run never leaves a stale lock behind. The file stays."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        import fcntl  # Unix; on Windows nothing stops a second holder
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise SystemExit(busy.format(pid=pid)) from None
+    try:
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
+def run_lock(out_dir, stage):
+    """One run of a stage per out-dir: a second run would write its weights, metrics and log beside the first's
+    (sft.pt of one run with sft.json of the other) or die on their shared .tmp file. Under torchrun rank 0 holds it
+    for the whole group (RANK is set before the process group forms)."""
+    if int(os.environ.get("RANK", 0)):
+        return contextlib.nullcontext()
+    return hold_lock(Path(out_dir) / f"{stage}.lock",
+                     f"{stage}.py: error: another {stage}.py (pid {{pid}}) is running in {out_dir} (it holds "
+                     f"{Path(out_dir) / (stage + '.lock')}); wait for it to end, or give this run another --out-dir")
 
 
 def atomic_write(path, content):

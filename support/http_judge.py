@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 import data
 from support import distributed
+from support.cli import nonnegative_int, positive_float, positive_int
 
 
 class JudgeError(RuntimeError):
@@ -54,11 +55,12 @@ def add_http_args(p):
     g.add_argument("--judge-model", default=os.environ.get("JUDGE_MODEL"), help="the model to ask (env JUDGE_MODEL)")
     g.add_argument("--judge-key", default=os.environ.get("OPENAI_API_KEY"), help="the bearer key (env "
                    "OPENAI_API_KEY); never written to eval.json")
-    g.add_argument("--judge-timeout", type=float, default=60.0, help="seconds to wait for one reply")
-    g.add_argument("--judge-retries", type=int, default=3, help="retries of a request that timed out, failed (429, "
-                   "5xx) or got a reply without a verdict; a pair still without one is left out and counted")
-    g.add_argument("--judge-budget", type=int, default=5000, help="requests at most, retries included")
-    g.add_argument("--judge-workers", type=int, default=4, help="requests in flight at once")
+    g.add_argument("--judge-timeout", type=positive_float, default=60.0, help="seconds to wait for one reply")
+    g.add_argument("--judge-retries", type=nonnegative_int, default=3, help="retries of a request that timed out, "
+                   "failed (429, 5xx) or got a reply without a verdict; a pair still without one is left out and "
+                   "counted")
+    g.add_argument("--judge-budget", type=positive_int, default=5000, help="requests at most, retries included")
+    g.add_argument("--judge-workers", type=positive_int, default=4, help="requests in flight at once")
 
 
 class HTTPJudge:

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 PAGE = Path(__file__).with_name("label_page.html")
 MAX_BODY = 64 * 1024  # a judgement is a few hundred bytes; notes are capped well below this
+IDLE_TIMEOUT = 60.0  # seconds a connection may send nothing before it is closed: each one holds a thread
 
 
 class RequestError(Exception):
@@ -32,12 +33,14 @@ class RequestError(Exception):
         self.status = status
 
 
-def make_server(app, host="127.0.0.1", port=8765, token=None, quiet=False):
+def make_server(app, host="127.0.0.1", port=8765, token=None, quiet=False, idle_timeout=IDLE_TIMEOUT):
     """A ThreadingHTTPServer bound to host:port (port 0: any free one) for `app`, an object with
-    `state(worker) -> dict` and `judge(body) -> dict` that raise RequestError for what they refuse. Returns the
-    server; its `.token` and `.url` say how to reach it."""
+    `state(worker) -> dict` and `judge(body) -> dict` that raise RequestError for what they refuse. A connection
+    that sends nothing for idle_timeout seconds is closed. Returns the server; its `.token` and `.url` say how to
+    reach it."""
     token = token or secrets.token_urlsafe(18)
-    handler = type("Handler", (_Handler,), dict(app=app, token=token, quiet=quiet))
+    # `timeout` is socketserver's per-connection socket timeout; http.server closes the connection when it expires
+    handler = type("Handler", (_Handler,), dict(app=app, token=token, quiet=quiet, timeout=idle_timeout))
     family = socket.AF_INET6 if ":" in host else socket.AF_INET  # --host ::1 is IPv6
     # socketserver's listen backlog is 5: a few people (browsers open several connections each) overflow it and are
     # reset; 128 is Linux's usual cap.
@@ -94,8 +97,8 @@ class _Handler(BaseHTTPRequestHandler):
             if not self._token_ok(self.headers.get("X-Label-Token", "")):
                 raise RequestError(403, "missing or wrong X-Label-Token: open the address label.py printed (a "
                                    "restarted server prints a new one)")
-            origin = self.headers.get("Origin")
-            if origin and urlsplit(origin).netloc != self.headers.get("Host"):
+            origin = self.headers.get("Origin")  # the page's own is http://<Host>: this server speaks no TLS
+            if origin and origin.lower() != f"http://{self.headers.get('Host', '')}".lower():
                 raise RequestError(403, f"cross-site request from {origin} refused")
             reply = call()
         except RequestError as e:
@@ -126,8 +129,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(415, "send the judgement as Content-Type: application/json")
         try:
             body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RequestError(400, f"the body is not JSON ({e})") from None
+        except RecursionError:  # arrays nested thousands deep: the body of no judgement
+            raise RequestError(400, "the body is not JSON this server reads (nested too deep)") from None
+        except ValueError as e:  # bad UTF-8 or JSON, or an integer of over 4300 digits (Python's limit)
+            raise RequestError(400, f"the body is not JSON this server reads ({e})") from None
         if not isinstance(body, dict):
             raise RequestError(400, "the body should be a JSON object")
         return body

@@ -421,3 +421,29 @@ def test_bad_records_are_named_by_file_and_line(tmp_path):
     (tmp_path / "valid.jsonl").write_text("")
     with pytest.raises(data.DataError, match="valid.jsonl holds no records"):
         data.load_split("synth", "valid", tmp_path)
+
+
+def test_an_unreadable_data_file_is_called_unreadable(tmp_path, monkeypatch):
+    from test_support import unreadable  # chmod, or where root reads anyway, an open() that refuses as the OS would
+    synth.write_synth(tmp_path, sizes=dict(train=4, valid=4, test=1, transfer=1), n_labelers=2)
+    unreadable(monkeypatch, tmp_path / "valid.jsonl")
+    with pytest.raises(data.DataError) as e:
+        data.load_split("synth", "valid", tmp_path)
+    assert str(e.value) == f"{tmp_path / 'valid.jsonl'}: cannot be read (Permission denied)"
+
+
+@pytest.mark.parametrize("damage", ["emptied", "cut", "overwritten", "emptied json"])
+def test_a_damaged_token_cache_is_built_anew(damage, tmp_path, synth_enc, capsys):
+    records = [synth.synth_record(0, "train", i) for i in range(40)]
+    arrays = data.prepare_sft(records, synth_enc, 96, 32, cache_dir=tmp_path)
+    npz, meta = next(tmp_path.glob("sft-*.npz")), next(tmp_path.glob("sft-*.json"))
+    whole = npz.read_bytes()
+    damaged = {"emptied": (npz, b""), "cut": (npz, whole[:len(whole) // 2]), "emptied json": (meta, b""),
+               "overwritten": (npz, whole[:1000] + bytes(64) + whole[1064:])}[damage]  # zeros inside an array
+    damaged[0].write_bytes(damaged[1])
+    capsys.readouterr()
+    for _ in range(2):  # built anew once, then read from the cache again
+        again = data.prepare_sft(records, synth_enc, 96, 32, cache_dir=tmp_path)
+        assert all(np.array_equal(arrays[k], again[k]) for k in arrays)
+    err = capsys.readouterr().err
+    assert err.count(f"data: the cached {damaged[0]} is damaged or unreadable (") == 1 and "building it anew" in err

@@ -5,8 +5,10 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -372,7 +374,7 @@ def test_a_failed_write_leaves_no_half_line_and_a_second_server_is_refused(serve
     monkeypatch.undo()
 
     with label.lock_labels(out):  # a server is running on this file
-        with pytest.raises(SystemExit, match="another label.py is serving"):
+        with pytest.raises(SystemExit, match="another label.py .pid [0-9]+. is serving"):
             label.main(["--out", str(out), "--port", "0"])
     client, _ = served(["--out", str(out)])
     conn = http.client.HTTPConnection(*client.base.removeprefix("http://").split(":"))
@@ -380,3 +382,42 @@ def test_a_failed_write_leaves_no_half_line_and_a_second_server_is_refused(serve
     conn.putheader("X-Label-Token", client.token)
     conn.endheaders()
     assert conn.getresponse().status == 411
+
+
+def test_a_huge_number_deep_nesting_and_another_scheme_are_refused(served, tmp_path):
+    # The first two were answered 500 (a server error: Python's int limit, its recursion limit); an Origin of another
+    # scheme on the same host and port passed the cross-site check.
+    path, _ = synth_comparisons(tmp_path)
+    out = tmp_path / "labels.json"
+    client, _ = served(["--relabel", str(path), "--out", str(out)])
+    good = dict(worker="ann", pair=client.state("ann")["pair"]["key"], confidence=7)
+    host = client.base.removeprefix("http://")
+    cases = [(400, "not JSON", dict(raw=b'{"confidence": ' + b"7" * 5000 + b"}")),
+             (400, "nested too deep", dict(raw=b"[" * 30000 + b"]" * 30000)),
+             (403, "cross-site", dict(body=good, headers={"Origin": f"https://{host}"})),
+             (403, "cross-site", dict(body=good, headers={"Origin": f"ws://{host}"}))]
+    for status, words, kwargs in cases:
+        got, reply = client.call("/api/judge", **kwargs)
+        assert (got, words in str(reply)) == (status, True), (kwargs, got, reply)
+    assert not out.exists() or out.read_bytes() == b""
+    assert client.call("/api/judge", body=good, headers={"Origin": f"http://{host}"})[0] == 200  # the page's own
+    assert len(out.read_bytes().splitlines()) == 1
+
+
+def test_an_idle_connection_is_closed_after_the_timeout(tmp_path):
+    # Each connection holds a thread; one that sent nothing, or a body cut short, held it forever.
+    path, _ = synth_comparisons(tmp_path)
+    args = label.parse_args(["--relabel", str(path), "--out", str(tmp_path / "labels.json")])
+    labels = label.Labels(args.out, label.load_or_make_pairs(args), args.batch, args.seed)
+    server = make_server(labels, "127.0.0.1", 0, quiet=True, idle_timeout=0.5)
+    serve_in_thread(server)
+    try:
+        for sent in (b"", b"POST /api/judge HTTP/1.1\r\nContent-Length: 100\r\n\r\n{"):
+            with socket.create_connection(server.server_address[:2], timeout=10) as s:
+                s.sendall(sent)
+                start = time.monotonic()
+                assert s.recv(1024) == b""  # closed, without a reply (the timeout bounds this wait: 10 s)
+                assert time.monotonic() - start < 5
+    finally:
+        server.shutdown()
+        server.server_close()

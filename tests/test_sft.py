@@ -19,6 +19,7 @@ import sft  # noqa: E402
 import synth  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from support.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from support.files import run_lock  # noqa: E402
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "16", "--micro-batch-size", "8",
         "--lr", "3e-3", "--val-size", "32", "--sample-n", "16"]
@@ -138,3 +139,28 @@ def test_bad_input_gets_a_clear_message_and_no_traceback(synth_dir, tmp_path):
     proc = run_cli("--task", "synth", "--data-dir", str(empty), "--out-dir", str(tmp_path / "o"), "--cache-dir",
                    str(tmp_path / "cache"))
     assert proc.returncode == 1 and "valid.jsonl holds no records" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_second_run_in_the_same_out_dir_is_refused_naming_the_first(synth_dir, tmp_path):
+    """Two runs in one --out-dir would leave one run's sft.pt beside the other's sft.json and log; the second is
+    refused before it writes anything, across processes and within one."""
+    out = tmp_path / "out"
+    with run_lock(out, "sft"):  # a first run holds the out-dir
+        proc = run_cli("--task", "synth", "--data-dir", str(synth_dir), "--out-dir", str(out), "--cache-dir",
+                       str(tmp_path / "cache"), *TINY)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert f"sft.py: error: another sft.py (pid {os.getpid()}) is running in {out}" in proc.stderr
+        with pytest.raises(SystemExit, match=f"another sft.py \\(pid {os.getpid()}\\)"):
+            run_sft(synth_dir, out)
+        assert sorted(p.name for p in out.iterdir()) == ["sft.lock"]
+    with run_lock(out, "reward"), run_lock(out, "sft"):  # the first run ended; another stage's lock is its own
+        assert (out / "sft.lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_a_run_that_diverges_on_its_last_step_writes_no_final_files(synth_dir, tmp_path):
+    """--lr 1e6 and one step: the step's loss is finite (checked), the weights it leaves are not usable (the final
+    validation loss is NaN). Nothing final is written, and the advice is not --resume, which would repeat the step."""
+    with pytest.raises(FloatingPointError, match="sft.pt: not written: metrics.val_loss is not finite .* not with "
+                                                 "--resume"):
+        run_sft(synth_dir, tmp_path, "--lr", "1e6", "--epochs", "0.05")
+    assert not {"sft.pt", "sft.json", "sft_samples.jsonl"} & {p.name for p in tmp_path.iterdir()}

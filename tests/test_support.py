@@ -1,17 +1,21 @@
 """support/: the Hugging Face layout in and out, checkpoint files, the atomic writer."""
 import argparse
+import builtins
 import errno
+import json
 import os
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 
 from support import hf
-from support.checkpoint import (CheckpointError, load_checkpoint, load_resume_state, model_from_checkpoint,
-                                save_checkpoint, save_resume_state)
+from support.checkpoint import (CheckpointError, check_resume, input_digests, load_checkpoint, load_resume_state,
+                                model_from_checkpoint, save_checkpoint, save_resume_state)
 from support.files import atomic_open
+from support.steplog import StepLog
 from test_model import left_pad, tiny_model
 
 
@@ -169,10 +173,271 @@ def test_a_resume_with_other_settings_is_refused_by_flag(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters())
     saved = argparse.Namespace(seed=0, lr=1e-3, n_layer=2, micro_batch_size=8, device="cpu")
     save_resume_state(tmp_path / "sft.resume.pt", model, optimizer, stage="sft", task="synth", tokenizer="x",
-                      args=saved, step=7)
+                      args=saved, step=7, inputs={})
     other = argparse.Namespace(**{**vars(saved), "micro_batch_size": 4, "device": "cuda"})  # how, not what: allowed
-    assert load_resume_state(tmp_path / "sft.resume.pt", model, optimizer, "sft", other)["step"] == 7
+    assert load_resume_state(tmp_path / "sft.resume.pt", model, optimizer, "sft", other, {})["step"] == 7
     other = argparse.Namespace(**{**vars(saved), "seed": 1, "lr": 2e-3})
     with pytest.raises(CheckpointError, match="cannot resume with other settings: --lr 0.002 \\(saved: 0.001\\), "
                                               "--seed 1 \\(saved: 0\\)"):
-        load_resume_state(tmp_path / "sft.resume.pt", model, optimizer, "sft", other)
+        load_resume_state(tmp_path / "sft.resume.pt", model, optimizer, "sft", other, {})
+
+
+def test_a_resume_on_other_input_files_is_refused_by_name(tmp_path):
+    """A resume reads its inputs' digests, not their names: the same bytes under another path resume; other bytes
+    under the same path (a retrained sft.pt), a missing input or another model's weights are refused by name."""
+    model, args = tiny_model(), argparse.Namespace(seed=0)
+    optimizer = torch.optim.AdamW(model.parameters())
+    sft_pt, moved, posts = tmp_path / "sft.pt", tmp_path / "moved.pt", tmp_path / "train.jsonl"
+    sft_pt.write_bytes(b"weights")
+    moved.write_bytes(b"weights")
+    posts.write_text("{}\n")
+    state = tmp_path / "x.resume.pt"
+    save_resume_state(state, model, optimizer, stage="sft", task="synth", tokenizer="x", args=args, step=3,
+                      inputs=input_digests({"--sft": sft_pt, "train data": posts, "--model": "gpt2"}))
+    same = input_digests({"--sft": moved, "train data": posts, "--model": "gpt2"})
+    assert load_resume_state(state, model, optimizer, "sft", args, same)["step"] == 3
+    sft_pt.write_bytes(b"weights of another run")
+    with pytest.raises(CheckpointError, match=f"--sft {sft_pt} is not the file it started with \\({sft_pt}\\)"):
+        load_resume_state(state, model, optimizer, "sft", args,
+                          input_digests({"--sft": sft_pt, "train data": posts, "--model": "gpt2"}))
+    with pytest.raises(CheckpointError, match="--model gpt2-medium is not the file it started with"):
+        load_resume_state(state, model, optimizer, "sft", args,
+                          input_digests({"--sft": moved, "train data": posts, "--model": "gpt2-medium"}))
+    with pytest.raises(CheckpointError, match="train data None is not the file"):
+        load_resume_state(state, model, optimizer, "sft", args, input_digests({"--sft": moved, "--model": "gpt2"}))
+    # partial: an early check of the inputs at hand passes, and still catches a changed one
+    check_resume(state, "sft", args, input_digests({"--sft": moved}), partial=True)
+    with pytest.raises(CheckpointError, match="--sft"):
+        check_resume(state, "sft", args, input_digests({"--sft": sft_pt}), partial=True)
+    bigger = tiny_model(n_embd=2 * model.config.n_embd)
+    with pytest.raises(CheckpointError, match="the saved weights do not fit this run's model"):
+        load_resume_state(state, bigger, torch.optim.AdamW(bigger.parameters()), "sft", args, same)
+
+
+# --- numeric flags: a value that would run to the end and mean nothing is an argparse error naming the flag ---
+
+def parse_stage(script, argv, tmp_path, monkeypatch):
+    """Parse a stage script's flags in-process, as its command line would; synth.py parses in main (sys.argv)."""
+    import importlib
+    module = importlib.import_module(script)
+    base = {"label": ["--out", str(tmp_path / "labels.jsonl")],
+            "evaluate": ["--task", "synth", "--out-dir", str(tmp_path), "--policies", str(tmp_path / "x.pt")],
+            "synth": ["--out-dir", str(tmp_path / "data"), "--n-train", "8", "--n-valid", "4", "--n-test", "2",
+                      "--n-transfer", "2"]}.get(script, ["--task", "synth", "--out-dir", str(tmp_path)])
+    if script == "synth":  # the subcommand's flags come after it
+        cut = argv.index("collect") if "collect" in argv else len(argv)
+        monkeypatch.setattr("sys.argv", ["synth.py", *base, *argv[:cut], *argv[cut:]])
+        return module.main()
+    return module.parse_args(base + argv)
+
+
+BAD_FLAGS = [  # (script, flags, what the error says); each ran to exit 0, or failed only after work had started
+    ("sft", ["--lr", "0"], "argument --lr: must be more than 0, got 0"),
+    ("sft", ["--lr", "-1"], "argument --lr: must be more than 0, got -1"),
+    ("sft", ["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+    ("sft", ["--warmup", "2"], "argument --warmup: must be at least 0 and less than 1, got 2"),
+    ("sft", ["--epochs", "0"], "argument --epochs: must be more than 0, got 0"),
+    ("sft", ["--weight-decay", "-0.1"], "argument --weight-decay: must be at least 0, got -0.1"),
+    ("sft", ["--grad-clip", "-1"], "argument --grad-clip: must be at least 0, got -1"),
+    ("sft", ["--sample-n", "-5"], "argument --sample-n: must be at least 1, got -5"),
+    ("sft", ["--stop-after", "0"], "argument --stop-after: must be at least 1, got 0"),
+    ("sft", ["--n-embd", "130", "--n-head", "4"], "--n-embd 130 is not a multiple of --n-head 4"),
+    ("sft", ["--seed", "-1"], "argument --seed: must be between 0 and 4294967295, got -1"),
+    ("sft", ["--seed", str(10**23)], f"argument --seed: must be between 0 and 4294967295, got {10**23}"),
+    ("reward", ["--lr", "0"], "argument --lr: must be more than 0"),
+    ("reward", ["--temperature", "-1"], "argument --temperature: must be at least 0, got -1"),
+    ("reward", ["--ref-fraction", "1.5"], "argument --ref-fraction: must be between 0 and 1, got 1.5"),
+    ("reward", ["--warmup", "-0.5"], "argument --warmup: must be at least 0 and less than 1"),
+    ("reward", ["--epochs", "-1"], "argument --epochs: must be more than 0"),
+    ("reward", ["--seed", "-1"], "argument --seed: must be between 0 and 4294967295"),
+    ("ppo", ["--lr", "0"], "argument --lr: must be more than 0"),
+    ("ppo", ["--temperature", "0"], "argument --temperature: must be more than 0, got 0"),
+    ("ppo", ["--temperature", "-0.7"], "argument --temperature: must be more than 0"),
+    ("ppo", ["--beta", "-1"], "argument --beta: must be at least 0, got -1"),
+    ("ppo", ["--clip", "-1"], "argument --clip: must be more than 0, got -1"),
+    ("ppo", ["--clip-value", "0"], "argument --clip-value: must be more than 0, got 0"),
+    ("ppo", ["--target-kl", "-1"], "argument --target-kl: must be more than 0, got -1"),
+    ("ppo", ["--target-kl", "0"], "argument --target-kl: must be more than 0, got 0"),  # was: silently off
+    ("ppo", ["--gamma", "1.5"], "argument --gamma: must be between 0 and 1, got 1.5"),
+    ("ppo", ["--lam", "-0.1"], "argument --lam: must be between 0 and 1, got -0.1"),
+    ("ppo", ["--vf-coef", "-1"], "argument --vf-coef: must be at least 0"),
+    ("ppo", ["--grad-clip", "-1"], "argument --grad-clip: must be at least 0"),
+    ("ppo", ["--no-eos-score", "nan"], "argument --no-eos-score: must be a finite number, got nan"),
+    ("ppo", ["--seed", "-1"], "argument --seed: must be between 0 and 4294967295"),
+    ("ppo", ["--episodes", "47", "--rollout-batch-size", "16", "--minibatch-size", "16"],
+     "--episodes 47 is not a multiple of --rollout-batch-size 16"),
+    ("evaluate", ["--kl-temperature", "0"], "argument --kl-temperature: must be more than 0, got 0"),
+    ("evaluate", ["--bon-temperature", "-1"], "argument --bon-temperature: must be at least 0"),
+    ("evaluate", ["--max-n", "-1"], "argument --max-n: must be at least 0, got -1"),
+    ("evaluate", ["--analysis-n", "-1"], "argument --analysis-n: must be at least 0"),
+    ("evaluate", ["--show", "-1"], "argument --show: must be at least 0"),
+    ("evaluate", ["--seed", "-1"], "argument --seed: must be between 0 and 4294967295"),
+    ("evaluate", ["--judge-workers", "0"], "argument --judge-workers: must be at least 1, got 0"),
+    ("evaluate", ["--judge-retries", "-1"], "argument --judge-retries: must be at least 0"),
+    ("evaluate", ["--judge-budget", "0"], "argument --judge-budget: must be at least 1"),
+    ("evaluate", ["--judge-timeout", "0"], "argument --judge-timeout: must be more than 0"),
+    ("label", ["--temperature", "-1"], "argument --temperature: must be at least 0"),
+    ("label", ["--seed", "-1"], "argument --seed: must be between 0 and 4294967295"),
+    ("label", ["--port", "70000"], "argument --port: must be between 0 and 65535, got 70000"),
+    ("synth", ["--seed", "-1"], "argument --seed: must be between 0 and 4294967295"),
+    ("synth", ["--n-train", "0"], "argument --n-train: must be at least 1, got 0"),
+    ("synth", ["--n-test", "-1"], "argument --n-test: must be at least 0, got -1"),
+    ("synth", ["--labelers", "0"], "argument --labelers: must be at least 1, got 0"),
+    ("synth", ["collect", "x.pt", "--out", "c.json", "--temperature", "-1"], "argument --temperature: must be at "
+     "least 0"),
+    ("synth", ["collect", "x.pt", "--out", "c.json", "--ref-fraction", "2"], "argument --ref-fraction: must be "
+     "between 0 and 1"),
+    ("synth", ["collect", "x.pt", "--out", "c.json", "--n-posts", "0"], "argument --n-posts: must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("script, flags, message", BAD_FLAGS, ids=[f"{s} {' '.join(f)}" for s, f, _ in BAD_FLAGS])
+def test_a_meaningless_number_is_refused_naming_its_flag(script, flags, message, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_stage(script, flags, tmp_path, monkeypatch)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("script, flags, key, value", [
+    # the edges of each range are values with a meaning, and stay allowed
+    ("sft", ["--warmup", "0", "--grad-clip", "0", "--weight-decay", "0", "--seed", "4294967295"], "seed", 2**32 - 1),
+    ("ppo", ["--beta", "0", "--gamma", "0", "--lam", "1", "--vf-coef", "0", "--no-eos-score", "-5"], "beta", 0.0),
+    ("evaluate", ["--bon-temperature", "0", "--max-n", "0", "--analysis-n", "0", "--show", "0"], "bon_temperature",
+     0.0),
+    ("label", ["--temperature", "0", "--ref-fraction", "1", "--port", "0"], "temperature", 0.0),
+    # a task's default number of episodes is rounded down to whole rollout batches, as --episodes' help says
+    ("ppo", ["--task", "tldr"], "episodes", 1953 * 512),
+    ("ppo", ["--rollout-batch-size", "48"], "episodes", 66 * 48),
+    ("ppo", ["--episodes", "96", "--rollout-batch-size", "48"], "episodes", 96),
+])
+def test_the_edges_of_each_range_are_accepted(script, flags, key, value, tmp_path, monkeypatch):
+    assert getattr(parse_stage(script, flags, tmp_path, monkeypatch), key) == value
+
+
+# --- files that cannot be read or written, a torn step log: one line naming the file and the cause ---
+
+def unreadable(monkeypatch, path):
+    """Take the read permission from path. Root reads through any mode bits (CI runs as root), so there open()
+    raises for path what the OS raises for anyone else: PermissionError(EACCES) naming the file."""
+    path.chmod(0)
+    try:
+        path.open("rb").close()
+    except PermissionError:
+        return  # not root: the real refusal
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) == str(path.absolute()):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", refusing_open)
+
+
+def unwritable(monkeypatch, folder, code=errno.EACCES):
+    """Make nothing creatable inside folder, as a read-only folder (EACCES) or file system (EROFS) does. chmod where
+    that stops this process (not root, and EACCES only); otherwise open() for writing and mkdir() raise what the OS
+    would."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if code == errno.EACCES:
+        folder.chmod(0o555)
+        try:
+            (folder / ".probe").touch()
+        except PermissionError:
+            return
+        (folder / ".probe").unlink()
+    real_open, real_mkdir = builtins.open, os.mkdir
+
+    def inside(file):
+        return isinstance(file, (str, os.PathLike)) and Path(os.path.abspath(file)).parent == folder.absolute()
+
+    def refusing_open(file, mode="r", *args, **kwargs):
+        if inside(file) and any(c in mode for c in "wax+"):
+            raise OSError(code, os.strerror(code), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    def refusing_mkdir(path, *args, **kwargs):
+        if inside(path):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_mkdir(path, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    monkeypatch.setattr(os, "mkdir", refusing_mkdir)
+
+
+def test_an_unreadable_checkpoint_is_called_unreadable(tmp_path, monkeypatch):
+    path = tmp_path / "sft.pt"
+    save_checkpoint(path, tiny_model(), stage="sft", task="synth", tokenizer="x")
+    unreadable(monkeypatch, path)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path, stage="sft")
+    assert str(e.value) == f"{path}: cannot be read (Permission denied); expected a sft checkpoint"  # not "no archive"
+    with pytest.raises(CheckpointError, match="a folder, not a file"):
+        load_checkpoint(tmp_path, stage="sft")
+
+
+@pytest.mark.parametrize("code, cause", [(errno.EACCES, "Permission denied: {folder} is not writable"),
+                                         (errno.EROFS, "Read-only file system: {folder} cannot be written")])
+def test_a_folder_that_cannot_be_written_is_no_full_disk(tmp_path, monkeypatch, code, cause):
+    folder = tmp_path / "out"
+    unwritable(monkeypatch, folder, code)
+    for path, where in ((folder / "sft.json", folder), (folder / "new" / "sft.json", folder)):  # a file; a subfolder
+        with pytest.raises(OSError) as e:
+            with atomic_open(path) as f:
+                f.write("{}\n")
+        assert str(e.value) == f"could not write {path} ({cause.format(folder=where)}); no earlier file existed"
+    assert os.listdir(folder) == []
+
+
+def run_script(script, argv, monkeypatch):
+    """A stage's command line, in this process (so monkeypatched files apply): its one-line error, or None."""
+    import runpy
+    monkeypatch.setattr("sys.argv", [f"{script}.py", *argv])
+    try:
+        runpy.run_path(str(Path(__file__).resolve().parents[1] / f"{script}.py"), run_name="__main__")
+    except SystemExit as e:
+        return e.code
+    return None
+
+
+@pytest.mark.parametrize("script", ["sft", "reward", "ppo", "evaluate"])
+def test_a_stage_whose_out_dir_cannot_be_made_says_so_in_one_line(script, tmp_path, monkeypatch):
+    unwritable(monkeypatch, tmp_path / "ro")
+    out = tmp_path / "ro" / "out"
+    argv = ["--task", "synth", "--out-dir", str(out), "--data-dir", str(tmp_path / "data"), "--device", "cpu"]
+    message = run_script(script, argv + (["--policies", str(out / "sft.pt")] if script == "evaluate" else []),
+                         monkeypatch)
+    assert isinstance(message, str) and message.startswith(f"{script}.py: error: ") and "\n" not in message
+    assert "Permission denied" in message and str(out) in message
+
+
+def test_a_read_only_cache_dir_stops_sft_with_one_line_not_a_full_disk(tmp_path, monkeypatch):
+    import synth
+    synth.write_synth(tmp_path / "data", sizes=dict(train=32, valid=16, test=1, transfer=1), n_labelers=2)
+    unwritable(monkeypatch, tmp_path / "cache")
+    message = run_script("sft", ["--task", "synth", "--data-dir", str(tmp_path / "data"), "--out-dir",
+                                 str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"],
+                         monkeypatch)
+    assert isinstance(message, str) and "\n" not in message, message
+    assert message.startswith(f"sft.py: error: could not write {tmp_path / 'cache'}/sft-")
+    assert f"(Permission denied: {tmp_path / 'cache'} is not writable)" in message and "disk" not in message
+
+
+def test_a_torn_last_step_log_line_is_dropped_on_resume(tmp_path, capsys):
+    path = tmp_path / "sft.log.jsonl"
+    rows = [json.dumps(dict(step=s, loss=1.0 / s)) for s in (1, 2, 3, 4)]
+    path.write_text("\n".join(rows) + '\n{"step": 5, "loss": 0.1')  # killed while writing step 5
+    log = StepLog(path, resume_step=3)
+    log.write(dict(step=4, loss=0.25))
+    log.close()
+    assert path.read_text() == "\n".join(rows[:3]) + '\n{"step": 4, "loss": 0.25}\n'
+    assert f"{path}: dropped its torn last line" in capsys.readouterr().out
+
+
+def test_a_damaged_step_log_line_is_named_by_file_and_line(tmp_path):
+    path = tmp_path / "ppo.log.jsonl"
+    path.write_text('{"update": 1}\n{"update": 2, "kl\n{"update": 3}\n')
+    with pytest.raises(ValueError, match=f"^{path}:2: a damaged step-log row \\(not JSON"):
+        StepLog(path, resume_step=3, key="update")
+    path.write_text('{"update": 1}\n{"kl": 0.5}\n')  # whole, but not a row: no tear, so not dropped
+    with pytest.raises(ValueError, match=f"^{path}:2: a damaged step-log row \\(no 'update' number\\)"):
+        StepLog(path, resume_step=3, key="update")

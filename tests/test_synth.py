@@ -154,3 +154,38 @@ def test_synth_command_line(tmp_path):
                          timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "agreement" in out.stdout and (tmp_path / "valid.jsonl").is_file()
+
+
+def edit_line(path, lineno, **fields):
+    lines = path.read_text().splitlines(keepends=True)
+    lines[lineno - 1] = json.dumps(dict(json.loads(lines[lineno - 1]), **fields)) + "\n"
+    path.write_text("".join(lines))
+
+
+def test_a_post_edited_by_hand_is_refused_when_read_naming_file_and_line(tmp_path):
+    synth.write_synth(tmp_path, sizes=dict(train=8, valid=8, test=1, transfer=1), n_labelers=2)
+    edit_line(tmp_path / "valid.jsonl", 3, summary="My own words.")  # a reference may be rewritten: gold ignores it
+    assert data.load_split("synth", "valid", tmp_path)[2]["summary"] == "My own words."
+    post = synth.synth_record(0, "valid", 2)["post"]
+    edit_line(tmp_path / "valid.jsonl", 3, post=post.replace(" have ", " had ", 1))
+    with pytest.raises(data.DataError, match=f"^{tmp_path / 'valid.jsonl'}:3: post of synth1_0_valid_2 differs from "
+                                             "the synthetic world's synth1 from character"):
+        data.load_split("synth", "valid", tmp_path)
+    # the same in a comparisons file (reward.py --comparisons, evaluate.py, label.py --relabel)
+    rec = dict(synth.synth_record(0, "valid", 5), post=post)
+    comps = [data.comparison_record(synth.synth_record(0, "valid", 4), [("a", "x"), ("b", "y")], 0, "w", "valid2", "b"),
+             data.comparison_record(rec, [("a", "x"), ("b", "y")], 0, "w", "valid2", "b")]
+    data.write_jsonl(tmp_path / "c.json", comps)
+    with pytest.raises(data.DataError, match=f"^{tmp_path / 'c.json'}:2: post of synth1_0_valid_5 differs"):
+        data.read_comparisons(tmp_path / "c.json")
+
+
+def test_sft_refuses_an_edited_post_before_it_trains(tmp_path):
+    import sft
+    synth.write_synth(tmp_path / "data", sizes=dict(train=32, valid=16, test=1, transfer=1), n_labelers=2)
+    edit_line(tmp_path / "data" / "valid.jsonl", 5, post="I wrote this post myself.")
+    with pytest.raises(data.DataError, match=f"{tmp_path / 'data' / 'valid.jsonl'}:5: post of synth1_0_valid_4 "):
+        sft.main(["--task", "synth", "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"),
+                  "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--n-layer", "1", "--n-head", "1",
+                  "--n-embd", "16", "--batch-size", "16", "--sample-n", "4"])
+    assert not (tmp_path / "out" / "sft.log.jsonl").exists()  # not a step was taken
