@@ -295,6 +295,8 @@ class GPT(nn.Module):
                     break
             if t + 1 < max_new_tokens:
                 logits = step(tok[:, None], cache=cache)[:, -1]
+        if not torch.isfinite(logprobs).all():  # NaN logits still give tokens (argmax, the CDF search): say so
+            raise FloatingPointError("generate: the model's logits are not finite (NaN or inf); its weights diverged")
         out = torch.cat([idx, new], dim=1)
         return (out, logprobs) if return_logprobs else out
 

@@ -80,5 +80,5 @@ def summary(out, seed, minutes, peak_gb, times):
 if __name__ == "__main__":
     try:
         main()
-    except (data.DataError, CheckpointError, evaluate.JudgeError, OSError, ValueError) as e:
+    except (data.DataError, CheckpointError, evaluate.JudgeError, OSError, ValueError, FloatingPointError) as e:
         sys.exit(f"quickstart.py: error: {e}")

@@ -418,7 +418,6 @@ def second_opinion_agreement(comparisons, labelers, rng):
     return p, math.sqrt(p * (1 - p) / len(same))
 
 
-
 def judging_fingerprint(n_labelers, seed, probes=200):
     """A digest of what the gold rubric and the simulated labelers answer on fixed probes: gold totals of the
     reference, the perfect summary and each perturbation of `probes` posts, and every labeler's choices and
@@ -433,6 +432,7 @@ def judging_fingerprint(n_labelers, seed, probes=200):
         labeler = labelers[i % len(labelers)]
         digest.update(str([labeler.compare(record, a, b) for a, b in zip(texts, texts[1:])]).encode())
     return digest.hexdigest()
+
 
 def collect(policies, records, enc, labelers, rng, samples=2, temperature=1.0, ref_fraction=0.25, split="train",
             batch="synth_sft", **sampling):

@@ -9,18 +9,6 @@ import torch
 import data
 
 
-def positive_int(text):
-    """An argparse type for counts and sizes: an integer of at least 1 (0 or -8 batches would divide by zero or run
-    nothing, and say so only in a traceback)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 SEED_MAX = 2**32 - 1  # every generator a seed reaches takes 0 .. 2**32-1 (numpy's refuse negatives)
 
 
@@ -48,6 +36,7 @@ def number_in(kind=float, low=None, high=None, low_open=False, high_open=False):
     return in_range
 
 
+positive_int = number_in(int, 1)  # counts and sizes: 0 or -8 batches would divide by zero or run nothing
 positive_float = number_in(float, 0, low_open=True)  # rates, clip ranges, temperatures that divide logits
 nonnegative_float = number_in(float, 0)  # coefficients and temperatures where 0 switches something off
 nonnegative_int = number_in(int, 0)  # counts where 0 means skip

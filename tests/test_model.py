@@ -252,3 +252,14 @@ def test_generation_longer_than_the_positions_is_refused():
     model = tiny_model()  # 64 positions
     with pytest.raises(ValueError, match="60 prompt \\+ 8 new tokens exceed the model's 64 positions"):
         model.generate(torch.ones(1, 60, dtype=torch.long), max_new_tokens=8)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_sampling_from_a_model_whose_weights_diverged_is_refused(temperature):
+    """NaN logits would still yield tokens (argmax and the CDF search both return some index), so a diverged policy
+    would be evaluated and saved as if it had written summaries; generate refuses instead."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="logits are not finite"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, temperature=temperature)

@@ -209,6 +209,19 @@ def test_checkpoints_of_the_wrong_stage_are_refused(stages, tmp_path):
     assert not (tmp_path / "ppo.pt").exists()
 
 
+def max_difference_but_key_biases(one, two):
+    """The largest difference between two state dicts' parameters, the attention's key biases (the middle third of
+    each c_attn.bias) left out: a softmax ignores a shift of its scores, so their gradients are float noise, which
+    Adam's normalized steps turn into moves of up to lr each. Two runs that differ only in rounding can end up to
+    2 x lr x steps apart there (9e-6 in the runs below, where 16 steps at lr 1e-4 allow 3e-3), 1e-7 elsewhere."""
+    def kept(k, v):  # q, k and v biases in one tensor (model.py splits c_attn's output in that order)
+        if k.endswith("attn.c_attn.bias"):
+            q, _, value = v.chunk(3)
+            return torch.cat([q, value])
+        return v
+    return max((kept(k, one[k]) - kept(k, two[k])).abs().max().item() for k in one)
+
+
 @pytest.mark.slow
 def test_micro_and_sample_batch_sizes_change_the_result_only_by_float_rounding(stages, tmp_path):
     # Each episode samples from its own seed and every loss is a token mean over the whole minibatch, so splitting
@@ -224,7 +237,7 @@ def test_micro_and_sample_batch_sizes_change_the_result_only_by_float_rounding(s
     assert a[2]["samples"] == b[2]["samples"]
     wa = load_checkpoint(tmp_path / "a" / "ppo.pt")["model"]
     wb = load_checkpoint(tmp_path / "b" / "ppo.pt")["model"]
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    assert wa.keys() == wb.keys() and max_difference_but_key_biases(wa, wb) < 1e-4
     assert any(not torch.equal(wa[k], v) for k, v in load_checkpoint(stages[0] / "out" / "sft.pt")["model"].items())
 
 
