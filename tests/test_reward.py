@@ -252,5 +252,5 @@ def test_a_nan_bias_or_metric_is_never_written(sft_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(reward, "normalize", diverged)
     with pytest.raises(FloatingPointError, match="reward.pt: not written: .* is not finite"):
-        run_reward(sft_run, tmp_path)
+        run_reward(sft_run, tmp_path, "--train-posts", "128", "--valid-posts", "32", "--epochs", "1")
     assert not (tmp_path / "reward.pt").exists() and not (tmp_path / "reward.json").exists()
