@@ -296,7 +296,8 @@ class GPT(nn.Module):
             if t + 1 < max_new_tokens:
                 logits = step(tok[:, None], cache=cache)[:, -1]
         if not torch.isfinite(logprobs).all():  # NaN logits still give tokens (argmax, the CDF search): say so
-            raise FloatingPointError("generate: the model's logits are not finite (NaN or inf); its weights diverged")
+            raise FloatingPointError("generate: the model's logits are not finite (NaN or inf): its weights diverged; "
+                                     "train it anew with other settings (a lower learning rate)")
         out = torch.cat([idx, new], dim=1)
         return (out, logprobs) if return_logprobs else out
 

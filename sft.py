@@ -273,6 +273,7 @@ def run(args):
                    elapsed=time.time() - t_start)
         if step % args.eval_every == 0 or step == total_steps:
             row["val_loss"] = validation_loss(forward, val, args, pad, device, dtype)
+            check_finite(out / "sft.pt", val_loss=row["val_loss"])  # diverged after the last step's loss check
         log.write(row)
         print(f"step {step}/{total_steps} | loss {row['loss']:.4f} | lr {lr:.2e} | {row['tokens_per_s']:,.0f} tok/s"
               f" | {row['elapsed']:.1f}s" + (f" | val loss {row['val_loss']:.4f}" if "val_loss" in row else ""))

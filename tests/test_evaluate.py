@@ -322,7 +322,7 @@ def test_a_summary_that_never_ended_is_scored_as_ppo_scores_it(stages):
     assert whole[2] == cut[2] == -1.0
 
 
-# --- silent faults (issue 22) ---
+# --- silent faults: inputs and results that once passed without a word ---
 
 def test_a_named_sft_or_reward_that_is_missing_or_a_folder_is_an_error(tmp_path, capsys):
     # Skipped with a line of output, a mistyped --sft or --reward lost the KL, best-of-N or RM columns unnoticed.

@@ -441,3 +441,20 @@ def test_a_damaged_step_log_line_is_named_by_file_and_line(tmp_path):
     path.write_text('{"update": 1}\n{"kl": 0.5}\n')  # whole, but not a row: no tear, so not dropped
     with pytest.raises(ValueError, match=f"^{path}:2: a damaged step-log row \\(no 'update' number\\)"):
         StepLog(path, resume_step=3, key="update")
+
+
+def test_a_checkpoint_with_a_non_finite_weight_or_metric_is_not_written_and_the_previous_one_stays(tmp_path):
+    model, path = tiny_model(), tmp_path / "sft.pt"
+    save_checkpoint(path, model, stage="sft", task="synth", tokenizer="x", metrics=dict(val_loss=1.5))
+    before = path.read_bytes()
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="sft.pt: not written: model.transformer.h.0.attn.c_attn.weight is "
+                                                 "not finite"):
+        save_checkpoint(path, model, stage="sft", task="synth", tokenizer="x")
+    with pytest.raises(FloatingPointError, match="not written: metrics.accuracy.valid2 is not finite"):
+        save_checkpoint(path, tiny_model(), stage="sft", task="synth", tokenizer="x",
+                        metrics=dict(accuracy=dict(valid2=float("nan"))))
+    with pytest.raises(FloatingPointError, match="not written: norm_bias is not finite"):
+        save_checkpoint(path, tiny_model(), stage="sft", task="synth", tokenizer="x", norm_bias=float("nan"))
+    assert path.read_bytes() == before and not (tmp_path / "sft.pt.tmp").exists()
