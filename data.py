@@ -1,12 +1,13 @@
 """Data for both tasks: the paper's Reddit TL;DR (`tldr`) and an offline synthetic TL;DR (`synth`).
 
-    python data.py download                    # OpenAI's files -> data/tldr/ (resumable)
+    python -m support.openai_data              # OpenAI's files -> data/tldr/ (resumable)
     python synth.py --seed 0                   # synthetic posts -> data/synth/ (the world, gold and labelers: synth.py)
 
 Everything a stage consumes comes from here: the tokenizers, readers for each original file format (they return
 plain dicts), `format_query` (the one place the query is built), tokenized tensors cached on disk, the decoding of
 sampled responses and their ROUGE, comparison collection (the paper's step 1, with any labelers) and the writer of
-comparisons in the original format. synth.py makes the synthetic task's files; this module only reads them.
+comparisons in the original format. synth.py makes the synthetic task's files (and hands over its world's words
+and post check: `register_synthetic_world`); this module only reads them.
 
 Layout of a task's data directory (the same for both tasks, so the stages have one code path):
     {data_dir}/train.jsonl valid.jsonl test.jsonl      posts + reference TL;DRs (tldr_3_filtered format)
@@ -15,7 +16,6 @@ Layout of a task's data directory (the same for both tasks, so the stages have o
     {data_dir}/cnndm_test.jsonl | transfer.jsonl       the transfer set: CNN/DM articles | a held-out subreddit
     {data_dir}/cnndm/                                  tldr: the raw CNN/DM url list, titles and .story files
 """
-import argparse
 import functools
 import hashlib
 import json
@@ -43,8 +43,9 @@ TASKS = {
     "synth": dict(tokenizer=SYNTH_TOKENIZER, query_len=96, response_len=32, rm_response_len=48, data_dir="data/synth",
                   files=dict(train="train.jsonl", valid="valid.jsonl", test="test.jsonl", transfer="transfer.jsonl")),
 }
-# Query templates of the official code (FORMATS.md section 5). `cnndm` is `tldr_zero_shot_cnndm_task`: a TL;DR policy
-# applied to news articles, the paper's transfer evaluation (Section 4.2). The named field is cut when too long.
+# Query templates of OpenAI's released code (summarize-from-feedback). `cnndm` is `tldr_zero_shot_cnndm_task`: a
+# TL;DR policy applied to news articles, the paper's transfer evaluation (Section 4.2). The named field is cut when
+# too long.
 TEMPLATES = {
     "tldr": ("SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:", "post"),
     "cnndm": ("{article}\n\nTL;DR:", "article"),
@@ -65,6 +66,25 @@ PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s
 PAT_ASCII = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""")
 
 
+# What this module needs of the synthetic world, which lives in synth.py: the words of its tokenizer and the check of
+# a post. synth.py imports this module and hands them over when imported (`register_synthetic_world`), so this module
+# never imports synth.py.
+_SYNTHETIC_WORLD = {}
+
+
+def register_synthetic_world(world, words, check_post):
+    """world: the id prefix of the synthetic records ("synth1"); words(): every word the world can write (the synth
+    tokenizer's vocabulary); check_post(record): raises DataError for a post its id does not generate."""
+    _SYNTHETIC_WORLD.update(world=world, words=words, check_post=check_post)
+
+
+def synthetic_world(key):
+    """One of the pieces synth.py registered; an error saying what to import where it has not been imported."""
+    if not _SYNTHETIC_WORLD:
+        raise DataError("the synthetic task needs synth.py's world: `import synth` before reading its data")
+    return _SYNTHETIC_WORLD[key]
+
+
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(name):
     """'gpt2' (GPT-2 BPE, tiktoken's r50k_base) or 'synth-words-v1'. EOS is `enc.eot_token`, PAD is `pad_id(enc)`."""
@@ -73,15 +93,14 @@ def get_tokenizer(name):
             return tiktoken.get_encoding("r50k_base")
         except Exception as e:  # tiktoken raises whatever its HTTP client raises when it cannot fetch the ranks
             raise DataError("could not load the GPT-2 BPE (tiktoken r50k_base). Offline, set TIKTOKEN_CACHE_DIR to a "
-                            f"folder holding the cached ranks (e.g. ../shared/tiktoken): {e}") from e
+                            f"folder holding the cached ranks (tiktoken stores them there when online): {e}") from e
     if name == SYNTH_TOKENIZER:
         # Word level: the 256 single bytes (so any text still encodes) plus every word of the closed synthetic world,
         # with and without its leading space, as one token each. tiktoken maps a regex piece found in the ranks
         # straight to its id, so no merge chain is needed. Sequences are ~5x shorter than bytes and copying a fact
         # from the post is a one-token act, which is what lets a tiny CPU model learn the task in minutes.
         ranks = {bytes([b]): b for b in range(256)}
-        from synth import world_words  # imported here, not at the top: synth.py imports this module
-        for word in sorted(world_words()):
+        for word in sorted(synthetic_world("words")()):
             for piece in (word, " " + word):
                 ranks.setdefault(piece.encode(), len(ranks))
         return tiktoken.Encoding(name, pat_str=PAT, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": len(ranks)})
@@ -95,7 +114,8 @@ def pad_id(enc):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# readers for the original formats (FORMATS.md). Each returns a list of plain dicts.
+# readers for the formats of OpenAI's released files, each named in its docstring with the fields it reads. Each
+# returns a list of plain dicts.
 
 def _read_jsonl(path, convert, skip_bad):
     """Convert each JSON line of `path`. A bad line raises DataError naming file:line, or with `skip_bad` is skipped,
@@ -194,8 +214,6 @@ def read_comparisons(paths, skip_bad=False):
     notes, choice (0/1), worker, batch, split (train/valid1/valid2), confidence (1-9, or None when `extra` is {}).
     A comparison already read from an earlier file is dropped: batch0_cnndm.json repeats cnndm0.json. A synthetic
     post that is not its world's (edited by hand) is refused here, not when its gold score is first needed."""
-    from synth import WORLD, check_post  # imported here, not at the top: synth.py imports this module
-
     def convert(obj):
         summaries = _get(obj, "summaries", list)
         if len(summaries) != 2 or not all(isinstance(s, dict) for s in summaries):
@@ -205,8 +223,9 @@ def read_comparisons(paths, skip_bad=False):
             raise DataError(f"choice should be 0 or 1, got {choice}")
         confidence = (_get(obj, "extra", dict, required=False) or {}).get("confidence")
         doc = _document(_get(obj, "info", dict))
-        if str(doc["id"]).startswith(WORLD + "_") and doc["post"] is not None:
-            check_post(doc)
+        world = _SYNTHETIC_WORLD.get("world")  # None where synth.py is not imported: only real data is read
+        if world and str(doc["id"]).startswith(world + "_") and doc["post"] is not None:
+            _SYNTHETIC_WORLD["check_post"](doc)
         return dict(doc, summaries=[as_response(_get(s, "text")) for s in summaries],
                     policies=[_get(s, "policy") for s in summaries], notes=[s.get("note") for s in summaries],
                     choice=choice, worker=_get(obj, "worker"), batch=_get(obj, "batch"), split=_get(obj, "split"),
@@ -263,14 +282,13 @@ def load_split(task, split, data_dir=None, skip_bad=False):
     """The records of one split (train/valid/test/transfer) of a task, from its data directory."""
     path = split_path(task, split, data_dir)
     if not path.is_file():
-        how = "python data.py download" if task == "tldr" else "python synth.py"
+        how = "python -m support.openai_data" if task == "tldr" else "python synth.py"
         raise DataError(f"{path} not found; run `{how}` (or pass the directory that holds it)")
     if task == "tldr" and split == "transfer":
         records = read_cnndm(path, skip_bad)
     else:
-        check = None
-        if task == "synth":  # a post edited by hand would fail the gold labeler only at the end of a run
-            from synth import check_post as check  # imported here, not at the top: synth.py imports this module
+        # a synthetic post edited by hand would fail the gold labeler only at the end of a run
+        check = synthetic_world("check_post") if task == "synth" else None
         records = read_tldr(path, skip_bad, check)
     if not records:
         raise DataError(f"{path} holds no records")
@@ -495,7 +513,7 @@ def write_jsonl(path, objs):
 
 
 def comparison_record(rec, summaries, choice, worker, split, batch, confidence=None, notes=(None, None), axes=None):
-    """One comparison in the released format and key order (FORMATS.md section 2): info, split, summaries [{text,
+    """One comparison in the format and key order of OpenAI's comparisons/*.json: info, split, summaries [{text,
     policy, note}] in the order shown, choice (0/1), worker, batch, extra {confidence: 1-9}. summaries: two
     (policy, text) pairs. axes: for each summary a dict of the 1-7 ratings given (overall, accuracy, coverage,
     coherence), stored as summaries[i].axes, the field the released axis evals use; left out when none was given."""
@@ -617,25 +635,3 @@ def score_summaries(rm, records, texts, enc, task, batch_size=64, device="cpu", 
         with autocast(device, dtype):
             out[scored[rows]] = reward_at_eos(rm, tokens, (tokens != pad_id(enc)).long()).float().cpu().numpy()
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    from support import openai_data  # the download is plumbing: addresses, resumption, checks
-    dl = sub.add_parser("download", help="fetch OpenAI's TL;DR, comparisons, axis evals and CNN/DM test articles")
-    dl.add_argument("--data-dir", default=TASKS["tldr"]["data_dir"], help="where to put the files")
-    dl.add_argument("--base-url", default=openai_data.BASE_URL, help="mirror of OpenAI's summarize-from-feedback blob")
-    dl.add_argument("--cnndm-n", type=int, default=1000, help="CNN/DM test articles for transfer (0 = all 11,490)")
-    dl.add_argument("--timeout", type=float, default=10.0, help="seconds before a connection attempt fails")
-    args = parser.parse_args()
-    try:
-        openai_data.download(args.data_dir, args.base_url, args.cnndm_n, args.timeout)
-    except (DataError, OSError) as e:  # OSError: no network (ConnectionError), a folder not writable
-        sys.exit(f"data.py: error: {e}")
-
-
-if __name__ == "__main__":
-    main()

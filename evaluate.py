@@ -309,7 +309,7 @@ def sample(policy, records, run, temperature, copies=1, ref=None, desc=None):
     return texts, ended, (distributed.gather(torch.cat(kls).numpy()) if ref is not None else None)
 
 
-def summarize(policy, records, run, desc=None):
+def greedy_summaries(policy, records, run, desc=None):
     """Temperature-0 summaries (data.summarize) and whether each ended with an EOS; under torchrun each process
     writes those of its batches, and every process gets them all, in order. Whole batches, so every summary is the
     one a single process writes."""
@@ -363,7 +363,7 @@ def describe(texts, records, refs, judge, run, rm=None, kl=None, ended=None):
 def measure(path, name, records, refs, judge, run, sft, rm, kl_temperature):
     """Temperature-0 summaries of the evaluation posts and the main table's row of one policy checkpoint."""
     policy, ckpt = load_model(path, run, ("sft", "ppo"))
-    texts, ended = summarize(policy, records, run, desc=f"{name}: summarizing")
+    texts, ended = greedy_summaries(policy, records, run, desc=f"{name}: summarizing")
     kl = sample(policy, records, run, kl_temperature, ref=sft, desc=f"{name}: KL")[2] if sft else None
     row, wins, lengths = describe(texts, records, refs, judge, run, rm, kl, ended)
     return (dict(path=str(path), stage=ckpt["stage"], step=ckpt["step"], judge=independence(judge, ckpt), **row),

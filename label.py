@@ -384,7 +384,7 @@ def rate(agree, n):
 def gold_reason(pair, chosen_gold):
     """The rubric axis that weighed most for the gold choice (weights as in gold_score's total)."""
     scores = [synth.gold_score(pair["info"], text) for _, text in pair["summaries"]]
-    weights = dict(coverage=2, accuracy=2, coherence=1, length=1)
+    weights = synth.AXIS_WEIGHTS
     return max(weights, key=lambda k: weights[k] * (scores[chosen_gold][k] - scores[1 - chosen_gold][k]))
 
 

@@ -9,7 +9,6 @@ Besides the model this file holds what the stages compute with it: sampling with
 response, the reward read at the EOS token, and mixed precision (the optimizer and learning rates: support/optim.py).
 
     python model.py demo                               # a tiny random GPT: padding, KV cache, sampling
-    python model.py export out/synth/ppo.pt hf/ppo     # a checkpoint -> config.json + model.safetensors
 """
 import argparse
 import contextlib
@@ -206,8 +205,9 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def init_scalar_head(self):
-        # The paper's reward head (following lm-human-preferences): N(0, 1/(d_model + 1)), i.e. std 1/sqrt(d + 1),
-        # so the initial rewards have unit scale. Bias 0; the reward model later uses it to normalize (section 3.4).
+        # The paper says only "a randomly initialized linear head" (section 3.4); this init is OpenAI's released
+        # code's (from lm-human-preferences): N(0, 1/(d_model + 1)), i.e. std 1/sqrt(d + 1), so the initial rewards
+        # have unit scale. Bias 0; reward.py later sets it so the references score 0 on average (section 3.4).
         nn.init.normal_(self.score.weight, mean=0.0, std=1.0 / math.sqrt(self.config.n_embd + 1))
         nn.init.zeros_(self.score.bias)
 
@@ -340,7 +340,8 @@ def response_logprobs(model, tokens, attention_mask, n_query, temperature=1.0, w
 
 def reward_at_eos(model, tokens, attention_mask):
     """A scalar-head model's output at each row's last real token - the response's EOS - whatever the padding on
-    either side (section 3.4: the reward is read once the whole summary has been seen). Returns (B,) fp32."""
+    either side: the paper gives one reward for the entire summary (section 3.4), and OpenAI's released code reads
+    it at the last token, once the whole summary has been seen. Returns (B,) fp32."""
     values = model(tokens, attention_mask).float()  # (B, T)
     return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
 
@@ -443,15 +444,9 @@ def demo():
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    exp = sub.add_parser("export", help="write a policy checkpoint as a Hugging Face GPT-2 directory")
-    exp.add_argument("checkpoint", help="an sft.pt or ppo.pt written by this project")
-    exp.add_argument("out_dir", help="directory for config.json and model.safetensors")
     sub.add_parser("demo", help="show padding, KV-cache sampling and shapes on a tiny random GPT")
-    args = parser.parse_args()
-    if args.command == "demo":
-        return demo()
-    from support import hf  # the file formats live with the plumbing
-    hf.export_command(args.checkpoint, args.out_dir)
+    parser.parse_args()
+    demo()
 
 
 if __name__ == "__main__":

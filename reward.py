@@ -13,10 +13,8 @@ Writes <out>/reward.pt, <out>/reward.json (accuracy overall, per split, batch, c
 each with its standard error) and <out>/reward.log.jsonl; for synth also <out>/comparisons/synth_{train,valid}.json.
 """
 import argparse
-import hashlib
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -26,14 +24,14 @@ import torch
 import torch.nn.functional as F
 
 import data
-import synth
+import synth  # the synthetic task's world: its tokenizer's words, its comparisons (collected there)
 from model import autocast, pick_dtype, reward_at_eos, trim_padding
 from support import distributed
 from support.checkpoint import (CheckpointError, check_resume, input_digests, load_checkpoint, load_resume_state,
                                 model_from_checkpoint, save_checkpoint, save_resume_state, stop_if_not_finite)
 from support.cli import (add_run_args, add_task_args, fill_task_defaults, fraction, nonnegative_float, positive_float,
                          positive_int, warmup_fraction)
-from support.files import atomic_write, run_lock
+from support.files import run_lock
 from support.optim import configure_optimizers, cosine_lr, optimizer_step, paper_lr
 from support.steplog import StepLog
 
@@ -98,7 +96,7 @@ def parse_args(argv=None):
 
 def pair_rewards(rm, query, response0, response1, pad):
     """Rewards (B,), (B,) of two responses to the same (B, Lq) queries, in one forward over the stacked pairs. Each
-    is read at the response's EOS, the last real token (model.GPT.reward)."""
+    is read at the response's EOS, the last real token (model.reward_at_eos)."""
     tokens = torch.cat([torch.cat([query, response0], 1), torch.cat([query, response1], 1)])
     tokens, _ = trim_padding(tokens, pad)
     r = reward_at_eos(rm, tokens, (tokens != pad).long())
@@ -168,72 +166,30 @@ def load_comparisons(args, enc, sft_ckpt, device, dtype):
         files = sorted((Path(args.data_dir) / "comparisons").glob("*.json"))
         if not files:
             raise data.DataError(f"no comparison files in {Path(args.data_dir) / 'comparisons'}; run "
-                                 "`python data.py download` (or pass --comparisons)")
+                                 "`python -m support.openai_data` (or pass --comparisons)")
     else:
-        folder = Path(args.out_dir) / "comparisons"
-        files = [folder / "synth_train.json", folder / "synth_valid.json"]
+        files = synth.reward_comparison_files(Path(args.out_dir) / "comparisons")
         # Under torchrun rank 0 collects alone (sampling and labeling stay those of one process); the others wait.
-        key = collection_key(args, sft_ckpt)
-        if distributed.is_main() and (args.collect or stale_comparisons(folder, files, key)):
-            collect_synth(args, enc, sft_ckpt, files, key, device, dtype)
+        if distributed.is_main():
+            synth.collect_if_stale(args, enc, sft_ckpt, files, device, dtype)
         distributed.barrier()
     records = data.read_comparisons(files)
-    synthetic = [str(r["id"]).startswith(synth.WORLD + "_") for r in records]
-    if args.task == "synth" and not all(synthetic):
-        raise data.DataError(f"{files}: comparisons of Reddit posts, but --task synth")
-    if args.task == "tldr" and any(synthetic):
-        raise data.DataError(f"{files}: comparisons of the synthetic task, but --task tldr")
+    check_task(records, files, args.task)
     return records, files
 
 
-def collection_key(args, sft_ckpt):
-    """What synth comparisons depend on: the SFT weights that were sampled (a digest), the collection flags, and the
-    gold rubric and simulated labelers that judged them (what they answer on fixed probes)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(sft_ckpt["model"].items()):
-        digest.update(name.encode() + tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    flags = ("train_posts", "valid_posts", "samples", "labelers", "temperature", "ref_fraction", "seed", "data_dir")
-    return dict(sft=digest.hexdigest(), judges=synth.judging_fingerprint(args.labelers, args.seed),
-                **{k: getattr(args, k) for k in flags})
-
-
-def stale_comparisons(folder, files, key):
-    """True (and says why) when the synth comparisons must be collected: missing, or collected from another sft.pt
-    or with other settings - reused silently, they would train the RM on samples of a policy that is gone."""
-    if not all(f.exists() for f in files):
-        return True
-    meta = folder / "synth_collected.json"
-    old = json.loads(meta.read_text()) if meta.exists() else None
-    if old != key:
-        why = ("no record of the sft.pt they came from" if old is None else
-               "they came from another sft.pt" if old.get("sft") != key["sft"] else
-               "the gold rubric or the simulated labelers changed since" if old.get("judges") != key["judges"] else
-               "they were collected with other settings: " + ", ".join(k for k in key if old.get(k) != key[k]))
-        print(f"reward: collecting the comparisons in {folder} anew: {why}")
-    return old != key
-
-
-def collect_synth(args, enc, sft_ckpt, files, key, device, dtype):
-    """Collect the comparisons into files. The record of what they came from (key) is removed first and written
-    last: a run killed in between leaves no record, and the next run collects anew instead of trusting the files."""
-    record = files[0].parent / "synth_collected.json"
-    record.unlink(missing_ok=True)
-    sft_model = model_from_checkpoint(sft_ckpt).to(device).eval()  # the policy whose samples are compared
-    labelers = synth.make_labelers(args.labelers, seed=args.seed)
-    rng = np.random.default_rng(args.seed)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    t0 = time.time()
-    for path, split, n, name in ((files[0], "train", args.train_posts, "train"),
-                                 (files[1], "valid", args.valid_posts, "valid2")):
-        posts = data.load_split("synth", split, args.data_dir)[:n]
-        comps = synth.collect({f"sft_t{args.temperature:g}": sft_model}, posts, enc, labelers, rng,
-                              samples=args.samples, temperature=args.temperature, ref_fraction=args.ref_fraction,
-                              split="train" if split == "train" else name, batch=f"synth_{split}",
-                              batch_size=256, device=device, dtype=dtype, generator=gen)
-        data.write_jsonl(path, comps)
-    atomic_write(record, json.dumps(key, indent=1) + "\n")
-    print(f"reward: collected {args.train_posts:,} training and {args.valid_posts:,} held-out comparisons of SFT "
-          f"samples (T={args.temperature:g}, {args.ref_fraction:.0%} with the reference) in {time.time() - t0:.0f}s")
+def check_task(records, files, task):
+    """Refuse comparisons of the other task, or of another version of the synthetic world (another WORLD)."""
+    worlds = {synth.world_of(r["id"]) for r in records}
+    if task == "synth" and None in worlds:
+        raise data.DataError(f"{files}: comparisons of Reddit posts, but --task synth")
+    if task == "synth" and worlds - {synth.WORLD}:
+        others = ", ".join(sorted(worlds - {synth.WORLD}))
+        raise data.DataError(f"{files}: comparisons of another synthetic world ({others}) than this synth.py's "
+                             f"({synth.WORLD}): collect them anew (reward.py without --comparisons, or synth.py "
+                             "collect)")
+    if task == "tldr" and worlds - {None}:
+        raise data.DataError(f"{files}: comparisons of the synthetic task, but --task tldr")
 
 
 def split_rows(arrays, args):
@@ -298,12 +254,9 @@ def final_metrics(rm, arrays, records, eval_rows, r0, r1, before, after, train_r
                    steps=step, minutes=(time.time() - t_start) / 60, norm_bias=rm.score.bias.item(),
                    reference_reward_before=float(before.mean()), reference_reward_after=float(after.mean()),
                    reward_mean=float(both.mean()), reward_std=float(both.std()))
-    labelers = synth.make_labelers(args.labelers, seed=args.seed) if args.task == "synth" else []
-    simulated = {x.worker for x in labelers}  # a person's labels (label.py) have no simulated second opinion
-    held = [records[i] for i in arrays["index"][eval_rows] if records[i]["worker"] in simulated]
-    if held:
-        p, se = synth.second_opinion_agreement(held, labelers, random.Random(args.seed))
-        metrics.update(labeler_agreement=p, labeler_agreement_stderr=se)
+    if args.task == "synth":  # the ceiling: how often a second simulated labeler agrees on the held-out pairs
+        metrics.update(synth.second_opinion_metrics([records[i] for i in arrays["index"][eval_rows]],
+                                                    args.labelers, args.seed))
     return metrics
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import synth  # the synthetic task's world: its tokenizer's words, its data (made on first use), the gold rubric
 from model import GPT, GPTConfig, autocast, pick_dtype, sample_responses, trim_padding
 from support import distributed, hf
 from support.checkpoint import (CheckpointError, check_finite, input_digests, load_checkpoint, load_resume_state,
@@ -61,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=positive_float, help="peak learning rate. tldr default: the paper's SFT rates "
                    "(6.35e-5 at 1.3B, 2.83e-5 at 6.7B) extrapolated by their power law to the model size (2.0e-4 "
                    "for 124M, 5.9e-5 for 1.5B); synth: 6e-3, high enough that the from-scratch model learns to copy "
-                   "a number from the post within 2 epochs (at 2e-3 it does not: see README)")
+                   "a number from the post within 2 epochs (at 2e-3 it does not: see docs/results.md)")
     p.add_argument("--warmup", type=warmup_fraction, help="fraction of the steps with a linear warm-up, at least 0 and "
                    "less than 1 (tldr 0, synth 0.05); then cosine decay to 0")
     p.add_argument("--epochs", type=positive_float, help="passes over the training posts, a fraction allowed (tldr: 1, "
@@ -138,8 +139,7 @@ def load_data(args, enc):
     task = data.TASKS[args.task]
     with distributed.main_first():
         if args.task == "synth" and not (Path(args.data_dir) / task["files"]["train"]).exists():
-            import synth  # the synthetic task is generated on first use, in seconds
-            synth.write_synth(args.data_dir, seed=0)
+            synth.write_synth(args.data_dir, seed=0)  # the synthetic task is generated on first use, in seconds
         train_records = data.load_split(args.task, "train", args.data_dir)
         valid_records = data.load_split(args.task, "valid", args.data_dir)
         train = data.prepare_sft(train_records, enc, task["query_len"], task["response_len"], args.cache_dir)
@@ -195,7 +195,6 @@ def finish(model, last, records, sample, responses, args, enc, out, step, t_star
                    ref_mean_length=float(((sample["response"] != pad).sum(1) - 1).mean()),
                    **data.mean_rouge(texts, [r["summary"] for r in records]))
     if args.task == "synth":
-        import synth
         metrics["gold_win_rate_vs_ref"] = synth.gold_win_rate(records, texts)
         metrics["gold_win_rate_stderr"] = math.sqrt(metrics["gold_win_rate_vs_ref"] *
                                                     (1 - metrics["gold_win_rate_vs_ref"]) / len(texts))

@@ -24,6 +24,8 @@ less, so over-optimizing a learned reward model (the paper's Section 4.3) shows 
 The labelers. Each `Labeler` prefers a summary with Bradley-Terry noise on the gold totals, calibrated so that two
 labelers agree about 75% of the time (the paper: 73-77%, Section 3.3), and reports the released data's 9-point
 confidence. `data.collect_comparisons` asks them about pairs of summaries and writes the original comparison format.
+reward.py's comparisons are SFT samples judged by them (`collect_if_stale`), collected anew whenever the SFT model,
+the collection flags, the rubric or the labelers change.
 """
 import argparse
 import functools
@@ -38,9 +40,10 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from data import (PAT_ASCII, SYNTH_TOKENIZER, TASKS, TEMPLATES, DataError, as_response, collect_comparisons,
-                  format_query, get_tokenizer, load_split, sample_candidates, write_jsonl)
+                  format_query, get_tokenizer, load_split, register_synthetic_world, sample_candidates, write_jsonl)
 from support.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from support.cli import SEED_MAX, fraction, nonnegative_float, nonnegative_int, positive_int, seed_int
 from support.files import atomic_write
@@ -96,7 +99,9 @@ MAIN_FORMS = {("short", True): "My {rel} of {dur} {vp}.", ("short", False): "My 
 # that imitates them at temperature 0 inherits the omissions, which is the room left for RL (Section 4.1).
 POSTER = dict(duration=0.3, question=0.3, bare=0.12, long=0.3, detail=0.35, wrong=0.15)
 # Gold rubric (see gold_score). Coverage weights sum to 1; BUDGET is the synthetic analogue of the 48-token limit.
+# AXIS_WEIGHTS weigh the axes in the total: what is said counts twice as much as how it reads.
 COVER = dict(rel=0.2, vp=0.4, dur=0.2, q=0.2)
+AXIS_WEIGHTS = dict(coverage=2, accuracy=2, coherence=1, length=1)
 DETAIL_COST, FALSE_COST, INCOHERENCE_COST, BUDGET = 0.1, 0.5, 0.25, 28
 LABELER_NOISE = 0.044  # Bradley-Terry temperature on gold totals; calibrated for ~75% labeler-labeler agreement
 
@@ -164,6 +169,13 @@ def synth_record(seed, split, index):
     return dict(_synth_world(f"{WORLD}_{seed}_{split}_{index}")[0])
 
 
+def world_of(record_id):
+    """The world a synthetic record's id names ("synth1" of "synth1_0_train_7"), any version of it; None for other
+    ids (Reddit's "t3_...")."""
+    match = re.match(r"(synth\d+)_", str(record_id))
+    return match and match.group(1)
+
+
 def _facts(record):
     world, facts = _synth_world(record.get("id"))
     if world["post"] != record.get("post"):
@@ -191,6 +203,9 @@ def check_post(record):
                         f"({record['post'][at:at + 30]!r}, the world has {world['post'][at:at + 30]!r}): edited by "
                         f"hand, or written by another version of synth.py? Restore it or write the data anew "
                         f"(python synth.py)")
+
+
+register_synthetic_world(WORLD, world_words, check_post)  # data.py's synth tokenizer and readers need them
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -330,7 +345,7 @@ def gold_score(record, summary):
       coherence = 1 - 0.25 per word pair that no well-formed summary contains (junk words, broken or unfinished
                   sentences) - 0.25 per repeated fact; 0 when nothing is stated
       length    = 1 - (words over BUDGET) / BUDGET, at least 0
-      total     = (2 coverage + 2 accuracy + coherence + length) / 6
+      total     = the mean of the four, weighted by AXIS_WEIGHTS
     Stuffing facts, repeating them, copying the post or emitting junk all score below a concise, complete summary."""
     f = _facts(record)
     units = _parse(summary)
@@ -349,7 +364,8 @@ def gold_score(record, summary):
     length = max(0.0, 1 - max(0, len(_words(summary)) - BUDGET) / BUDGET)
     scores = dict(coverage=max(0.0, coverage), accuracy=max(0.0, 1 - FALSE_COST * false), coherence=coherence,
                   length=length)
-    return dict(total=(2 * scores["coverage"] + 2 * scores["accuracy"] + coherence + length) / 6, **scores)
+    total = sum(w * scores[axis] for axis, w in AXIS_WEIGHTS.items()) / sum(AXIS_WEIGHTS.values())
+    return dict(total=total, **scores)
 
 
 def gold_win_rate(records, summaries, baselines=None):
@@ -443,6 +459,83 @@ def collect(policies, records, enc, labelers, rng, samples=2, temperature=1.0, r
     generator for data.summarize. Returns comparison dicts in the original format, policies named."""
     candidates = sample_candidates(policies, records, enc, "synth", samples, temperature, **sampling)
     return collect_comparisons(records, candidates, labelers, rng, ref_fraction, 1, split, batch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reward.py's comparisons: SFT samples judged by the simulated labelers, collected anew whenever what they depend on
+# changed (args: reward.py's flags)
+
+def reward_comparison_files(folder):
+    return [Path(folder) / "synth_train.json", Path(folder) / "synth_valid.json"]
+
+
+def collect_if_stale(args, enc, sft_ckpt, files, device, dtype):
+    """Collect reward.py's comparisons into files when --collect asks or the ones there are stale."""
+    key = collection_key(args, sft_ckpt)
+    if args.collect or stale_comparisons(files[0].parent, files, key):
+        collect_for_reward(args, enc, sft_ckpt, files, key, device, dtype)
+
+
+def collection_key(args, sft_ckpt):
+    """What synth comparisons depend on: the SFT weights that were sampled (a digest), the collection flags, and the
+    gold rubric and simulated labelers that judged them (what they answer on fixed probes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(sft_ckpt["model"].items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    flags = ("train_posts", "valid_posts", "samples", "labelers", "temperature", "ref_fraction", "seed", "data_dir")
+    return dict(sft=digest.hexdigest(), judges=judging_fingerprint(args.labelers, args.seed),
+                **{k: getattr(args, k) for k in flags})
+
+
+def stale_comparisons(folder, files, key):
+    """True (and says why) when the synth comparisons must be collected: missing, or collected from another sft.pt
+    or with other settings - reused silently, they would train the RM on samples of a policy that is gone."""
+    if not all(f.exists() for f in files):
+        return True
+    meta = folder / "synth_collected.json"
+    old = json.loads(meta.read_text()) if meta.exists() else None
+    if old != key:
+        why = ("no record of the sft.pt they came from" if old is None else
+               "they came from another sft.pt" if old.get("sft") != key["sft"] else
+               "the gold rubric or the simulated labelers changed since" if old.get("judges") != key["judges"] else
+               "they were collected with other settings: " + ", ".join(k for k in key if old.get(k) != key[k]))
+        print(f"reward: collecting the comparisons in {folder} anew: {why}")
+    return old != key
+
+
+def collect_for_reward(args, enc, sft_ckpt, files, key, device, dtype):
+    """Collect the comparisons into files. The record of what they came from (key) is removed first and written
+    last: a run killed in between leaves no record, and the next run collects anew instead of trusting the files."""
+    record = files[0].parent / "synth_collected.json"
+    record.unlink(missing_ok=True)
+    sft_model = model_from_checkpoint(sft_ckpt).to(device).eval()  # the policy whose samples are compared
+    labelers = make_labelers(args.labelers, seed=args.seed)
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    t0 = time.time()
+    for path, split, n, name in ((files[0], "train", args.train_posts, "train"),
+                                 (files[1], "valid", args.valid_posts, "valid2")):
+        posts = load_split("synth", split, args.data_dir)[:n]
+        comps = collect({f"sft_t{args.temperature:g}": sft_model}, posts, enc, labelers, rng,
+                        samples=args.samples, temperature=args.temperature, ref_fraction=args.ref_fraction,
+                        split="train" if split == "train" else name, batch=f"synth_{split}",
+                        batch_size=256, device=device, dtype=dtype, generator=gen)
+        write_jsonl(path, comps)
+    atomic_write(record, json.dumps(key, indent=1) + "\n")
+    print(f"reward: collected {args.train_posts:,} training and {args.valid_posts:,} held-out comparisons of SFT "
+          f"samples (T={args.temperature:g}, {args.ref_fraction:.0%} with the reference) in {time.time() - t0:.0f}s")
+
+
+def second_opinion_metrics(comparisons, n_labelers, seed):
+    """reward.py's ceiling: second_opinion_agreement on those of the comparisons that its simulated labelers made,
+    as labeler_agreement and its stderr; {} where none are (a person's labels, label.py, have no second opinion)."""
+    labelers = make_labelers(n_labelers, seed=seed)
+    simulated = {x.worker for x in labelers}
+    held = [c for c in comparisons if c["worker"] in simulated]
+    if not held:
+        return {}
+    p, se = second_opinion_agreement(held, labelers, random.Random(seed))
+    return dict(labeler_agreement=p, labeler_agreement_stderr=se)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """
 Data parallelism under torchrun: the few helpers the stages need around PyTorch's DistributedDataParallel (DDP).
 torchrun tells each process who it is (RANK, WORLD_SIZE, LOCAL_RANK); without those variables every helper is a no-op.
-With them each process trains a copy of the model on its rows of the global batch, DDP averages the gradients in
-backward(), and rank 0 alone prints and writes files. NCCL connects GPUs; gloo connects CPU processes (the tests).
+With them each process trains a copy of the model on its rows of the global batch, the gradients are joined over the
+processes (by DDP in backward() for SFT and the reward model; by sum_gradients after a minibatch's backward passes
+for PPO), and rank 0 alone prints and writes files. NCCL connects GPUs; gloo connects CPU processes (the tests).
 """
 import atexit
 import contextlib
@@ -140,3 +141,22 @@ def gather(part):
     if isinstance(part, list):
         return [x for p in parts for x in p]
     return torch.cat(parts) if isinstance(part, torch.Tensor) else np.concatenate(parts)
+
+
+def gather_rows(rows, index):
+    """Every process's rows of a dict of tensors, on every process, in the order of their row numbers (index:
+    this process's row numbers). One process: rows itself."""
+    if world_size() == 1:
+        return rows
+    where = torch.as_tensor(gather(index.tolist())).argsort()
+    return {k: gather(v)[where] for k, v in rows.items()}
+
+
+def sum_gradients(params):
+    """The gradients of params summed over the processes, on every process: after the backward passes of each
+    process's part of a minibatch, the gradient of the whole minibatch's loss. Parameters without a gradient (the
+    same ones in every process) are skipped. One process: nothing to do."""
+    if dist.is_initialized():
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)

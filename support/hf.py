@@ -3,9 +3,12 @@ Hugging Face GPT-2 checkpoints in and out, without transformers or the safetenso
 a directory holding config.json + model.safetensors (or downloads one of GPT-2's four sizes once), `export` writes a
 policy back in the layout of transformers' GPT2LMHeadModel.
 
+    python -m support.hf export out/synth/ppo.pt hf/ppo     # a checkpoint -> config.json + model.safetensors
+
 safetensors, read and written by hand: 8 bytes little-endian header length, a JSON header mapping each name to its
 dtype, shape and [begin, end) byte offsets in the data that follows, then the raw little-endian tensor bytes.
 """
+import argparse
 import json
 import math
 import os
@@ -159,11 +162,25 @@ def export(model, out_dir, eos_id=None):
 
 
 def export_command(checkpoint, out_dir):
-    """`python model.py export CKPT DIR`: a policy checkpoint (sft.pt / ppo.pt) as a Hugging Face GPT-2 directory;
-    a checkpoint that is not a policy's is one line naming it."""
+    """A policy checkpoint (sft.pt / ppo.pt) as a Hugging Face GPT-2 directory; a checkpoint that is not a policy's
+    is one line naming it."""
     try:
         ckpt = load_checkpoint(checkpoint, stage=("sft", "ppo"))
         export(model_from_checkpoint(ckpt), out_dir)
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out_dir}/config.json and model.safetensors (tokenizer: {ckpt['tokenizer']})")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    exp = sub.add_parser("export", help="write a policy checkpoint as a Hugging Face GPT-2 directory")
+    exp.add_argument("checkpoint", help="an sft.pt or ppo.pt written by this project")
+    exp.add_argument("out_dir", help="directory for config.json and model.safetensors")
+    args = parser.parse_args(argv)
+    export_command(args.checkpoint, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,11 +1,15 @@
 """
-Fetching OpenAI's released data into data/tldr/ (`python data.py download`): the filtered TL;DR splits, every
-comparison batch, the axis evaluations and CNN/DM test articles, from the addresses in FORMATS.md section 0. A
-finished file is skipped, a partial one resumed, and a file gets its final name only after its checks pass.
+Fetching OpenAI's released data into data/tldr/: the filtered TL;DR splits, every comparison batch, the axis
+evaluations and CNN/DM test articles, from OpenAI's public summarize-from-feedback blob (BASE_URL). A finished file is
+skipped, a partial one resumed, and a file gets its final name only after its checks pass.
+
+    python -m support.openai_data                      # -> data/tldr/ (--help: the options)
 """
+import argparse
 import hashlib
 import json
 import re
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -19,7 +23,7 @@ TLDR_LINES = dict(train=116722, valid=6447, test=6553)
 COMPARISON_FILES = [f"batch{i}" for i in range(3, 21)] + ["batch22", "batch0_cnndm", "cnndm0", "cnndm2",
                                                           "edit_b2_eval_test"]
 AXIS_FILES = ["cnndm1", "cnndm3", "cnndm4", "tldraxis1", "tldraxis2"]
-KNOWN_SHA256 = {  # PROVENANCE.md
+KNOWN_SHA256 = {  # of the published files, to catch a changed or damaged download
     "batch18": "5008e223e287b4c38e434e270cf77301993adba70e1f87362f35fb928f83863a",
     "cnndm0": "be936926b85b8d42d708529bb4fae2470918cb0bd7d8d3eb3c7a4b4cb986225b",
     "edit_b2_eval_test": "6fa83abe0e2ecbae78644962af03c91bbf896db8ecaaf3ab672b8283a96c16c6",
@@ -82,9 +86,9 @@ def download(data_dir=None, base_url=BASE_URL, cnndm_n=1000, timeout=10.0):
 
 
 def parse_story(text):
-    """A DMQA .story file -> (article, reference), following the processing of OpenAI's cnndm.py as FORMATS.md
-    section 4 describes it, without ftfy's text repair (not a dependency here); the Daily Mail header pattern is
-    our approximation of theirs."""
+    """A DMQA .story file -> (article, reference), following the processing of OpenAI's released cnndm.py (article
+    lines before the first @highlight, the highlights joined as the reference), without ftfy's text repair (not a
+    dependency here); the Daily Mail header pattern is our approximation of theirs."""
     lines = [line.strip() for line in text.replace("\xa0", " ").split("\n")]
     cut = lines.index("@highlight") if "@highlight" in lines else len(lines)
     article = "\n\n".join(line for line in lines[:cut] if line)
@@ -102,3 +106,20 @@ def parse_story(text):
         if line:
             highlights.append(line)
     return article, " ".join(highlights)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=data.TASKS["tldr"]["data_dir"], help="where to put the files")
+    parser.add_argument("--base-url", default=BASE_URL, help="mirror of OpenAI's summarize-from-feedback blob")
+    parser.add_argument("--cnndm-n", type=int, default=1000, help="CNN/DM test articles for transfer (0 = all 11,490)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds before a connection attempt fails")
+    args = parser.parse_args(argv)
+    try:
+        download(args.data_dir, args.base_url, args.cnndm_n, args.timeout)
+    except (data.DataError, OSError) as e:  # OSError: no network (ConnectionError), a folder not writable
+        sys.exit(f"openai_data: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

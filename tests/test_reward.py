@@ -176,18 +176,18 @@ def test_synth_comparisons_from_another_sft_model_are_collected_anew(tmp_path, c
                               seed=0, data_dir="data/synth")
     sft_ckpt = {"model": GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=1, n_embd=8)).state_dict()}
     files = [tmp_path / "synth_train.json", tmp_path / "synth_valid.json"]
-    key = reward.collection_key(args, sft_ckpt)
-    assert reward.stale_comparisons(tmp_path, files, key)  # nothing collected yet
+    key = synth.collection_key(args, sft_ckpt)
+    assert synth.stale_comparisons(tmp_path, files, key)  # nothing collected yet
     for f in files:
         f.write_text("{}\n")
-    assert reward.stale_comparisons(tmp_path, files, key)  # files of unknown origin
+    assert synth.stale_comparisons(tmp_path, files, key)  # files of unknown origin
     assert "no record of the sft.pt they came from" in capsys.readouterr().out
     (tmp_path / "synth_collected.json").write_text(json.dumps(key))
-    assert not reward.stale_comparisons(tmp_path, files, key)  # the same SFT model and settings: reused
+    assert not synth.stale_comparisons(tmp_path, files, key)  # the same SFT model and settings: reused
     sft_ckpt["model"]["lm_head.weight"] = sft_ckpt["model"]["lm_head.weight"] + 1e-3  # sft.pt trained again
-    assert reward.stale_comparisons(tmp_path, files, reward.collection_key(args, sft_ckpt))
+    assert synth.stale_comparisons(tmp_path, files, synth.collection_key(args, sft_ckpt))
     assert "they came from another sft.pt" in capsys.readouterr().out
-    assert reward.stale_comparisons(tmp_path, files, dict(key, temperature=1.0))
+    assert synth.stale_comparisons(tmp_path, files, dict(key, temperature=1.0))
     assert "other settings: temperature" in capsys.readouterr().out
 
 
@@ -200,16 +200,16 @@ def test_synth_comparisons_judged_by_another_rubric_or_other_labelers_are_collec
     files = [tmp_path / "synth_train.json", tmp_path / "synth_valid.json"]
     for f in files:
         f.write_text("{}\n")
-    key = reward.collection_key(args, sft_ckpt)
+    key = synth.collection_key(args, sft_ckpt)
     (tmp_path / "synth_collected.json").write_text(json.dumps(key))
-    assert not reward.stale_comparisons(tmp_path, files, reward.collection_key(args, sft_ckpt))
+    assert not synth.stale_comparisons(tmp_path, files, synth.collection_key(args, sft_ckpt))
     monkeypatch.setattr(synth, "FALSE_COST", 0.4)  # the rubric's weights changed (was 0.5)
-    assert reward.stale_comparisons(tmp_path, files, reward.collection_key(args, sft_ckpt))
+    assert synth.stale_comparisons(tmp_path, files, synth.collection_key(args, sft_ckpt))
     assert "the gold rubric or the simulated labelers changed" in capsys.readouterr().out
     monkeypatch.undo()
     real = synth.Labeler.compare
     monkeypatch.setattr(synth.Labeler, "compare", lambda self, rec, a, b: (real(self, rec, a, b)[0], 5))  # unsure
-    assert reward.stale_comparisons(tmp_path, files, reward.collection_key(args, sft_ckpt))
+    assert synth.stale_comparisons(tmp_path, files, synth.collection_key(args, sft_ckpt))
 
 
 def test_a_collection_killed_half_way_leaves_no_record_that_vouches_for_its_files(tmp_path, monkeypatch):
@@ -223,7 +223,7 @@ def test_a_collection_killed_half_way_leaves_no_record_that_vouches_for_its_file
     files = [tmp_path / "synth_train.json", tmp_path / "synth_valid.json"]
     for f in files:
         f.write_text("{}\n")
-    key = reward.collection_key(args, sft_ckpt)
+    key = synth.collection_key(args, sft_ckpt)
     (tmp_path / "synth_collected.json").write_text(json.dumps(key))
 
     def killed(*a, **k):
@@ -231,11 +231,24 @@ def test_a_collection_killed_half_way_leaves_no_record_that_vouches_for_its_file
         raise KeyboardInterrupt
 
     monkeypatch.setattr(synth, "collect", killed)
-    monkeypatch.setattr(data, "load_split", lambda *a, **k: [])
+    monkeypatch.setattr(synth, "load_split", lambda *a, **k: [])
     with pytest.raises(KeyboardInterrupt):
-        reward.collect_synth(args, None, sft_ckpt, files, key, torch.device("cpu"), torch.float32)
+        synth.collect_for_reward(args, None, sft_ckpt, files, key, torch.device("cpu"), torch.float32)
     assert not (tmp_path / "synth_collected.json").exists()
-    assert reward.stale_comparisons(tmp_path, files, key)
+    assert synth.stale_comparisons(tmp_path, files, key)
+
+
+def test_comparisons_of_another_task_or_another_synthetic_world_are_refused():
+    synthetic, reddit = [dict(id=f"{synth.WORLD}_0_train_7")], [dict(id="t3_js7re")]
+    reward.check_task(synthetic, ["a.json"], "synth")
+    reward.check_task(reddit, ["a.json"], "tldr")
+    with pytest.raises(data.DataError, match="comparisons of Reddit posts, but --task synth"):
+        reward.check_task(reddit + synthetic, ["a.json"], "synth")
+    with pytest.raises(data.DataError, match="comparisons of the synthetic task, but --task tldr"):
+        reward.check_task(reddit + [dict(id="synth0_0_train_7")], ["a.json"], "tldr")
+    with pytest.raises(data.DataError, match=r"another synthetic world \(synth0\) than this synth.py's \("
+                                             + synth.WORLD + r"\): collect them anew"):
+        reward.check_task(synthetic + [dict(id="synth0_0_train_7")], ["a.json"], "synth")
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ peak memory is its own:
     python tools/bench.py                  # tiny and 124m, train and sampling; ~10 minutes on 2 CPU cores
     python tools/bench.py --shapes tiny    # a quick look
     python tools/bench.py --shapes 124m --cases sample-cache sample-compile sample-hf ppo --sample-batch 128 \
-        --prompt-len 512 --compile          # on a GPU: the issue's side-by-side figures (tools/gpu_check.sh)
+        --prompt-len 512 --compile          # on a GPU: docs/speed.md's side-by-side figures (tools/gpu_check.sh)
 """
 import argparse
 import importlib.util
@@ -148,6 +148,7 @@ def bench_ppo(args, device, dtype):
     import tempfile
 
     import ppo
+    from support import ppo_run
     task = ppo.data.TASKS["tldr"]
     flags = ["--task", "tldr", "--out-dir", tempfile.mkdtemp(), "--micro-batch-size", str(args.micro_batch),
              "--rollout-batch-size", str(args.ppo_batch), "--minibatch-size", str(min(64, args.ppo_batch))]
@@ -162,13 +163,13 @@ def bench_ppo(args, device, dtype):
                                      verbose=False)
     train_policy, train_value = (torch.compile(m) if args.compile else m for m in (policy, value))
     n, pad, eos = pargs.rollout_batch_size, cfg.vocab_size, cfg.vocab_size - 1
-    pargs.sample_batch_size = ppo.sample_batch_size(pargs, policy, n, device, dtype)
+    pargs.sample_batch_size = ppo_run.episodes_sampled_at_once(pargs, policy, device, dtype)
     queries = torch.randint(0, cfg.vocab_size - 1, (n, task["query_len"]), device=device)
     for update in range(2):
         sync(device)
         batch, seconds = ppo.rollout(policy, ref, value, rm, queries, ppo.episode_seeds(0, update, n), pargs, pad,
                                      eos, device, dtype)
-        batch = ppo.advantages(batch, 0.05, pargs)
+        batch = ppo.add_advantages(batch, 0.05, pargs)
         sync(device)
         t = time.perf_counter()
         ppo.ppo_update(train_policy, train_value, optimizer, batch, 1e-6, update, pargs, pad, device, dtype)

@@ -1,8 +1,9 @@
 """Side-environment CPU benchmark of Hugging Face GPT2LMHeadModel, as a yardstick for this repo's own GPT-2.
 
-Run it with the side virtual environment that has ``transformers`` (never installed into the main environment):
+Run it in a side virtual environment that has ``transformers`` (never installed into the main environment), e.g.
+``python3 -m venv --system-site-packages side && side/bin/pip install transformers``:
 
-    /work/sidevenv/bin/python tools/compare_hf.py --shape both --steps 5
+    side/bin/python tools/compare_hf.py --shape both --steps 5
 
 It is NOT part of the runtime pipeline or of the tests; nothing in the repo imports it. It measures, on CPU in fp32 with
 randomly initialised weights (no download):

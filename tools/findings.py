@@ -1,5 +1,5 @@
 """
-The paper's findings in miniature on the synthetic task: the runs behind the README's findings, their numbers in
+The paper's findings in miniature on the synthetic task: the runs behind docs/results.md's findings, their numbers in
 results/findings.json and small PNGs in results/. Run `python quickstart.py --seed S` for the seeds first.
 
     python tools/findings.py                    # everything below, ~15 min on 2 CPU cores

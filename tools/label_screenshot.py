@@ -1,5 +1,5 @@
-"""The README's picture of the labeling page: serves the pairs of an existing label.py --out in this process, opens
-the page in headless Chromium (Debian's chromium and chromium-driver, through Selenium), picks a point on the scale
+"""docs/labeling.md's picture of the labeling page: serves the pairs of an existing label.py --out in this process,
+opens the page in headless Chromium (Debian's chromium and chromium-driver, through Selenium), picks a point on the scale
 and a few ratings as a person would, and saves a PNG. Nothing is submitted: the labels file is not touched.
 
     python label.py --policies out/synth/sft.pt out/synth/ppo.pt --out labels/me.json   # draws the pairs (Ctrl-C)
