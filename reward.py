@@ -13,7 +13,6 @@ Writes <out>/reward.pt, <out>/reward.json (accuracy overall, per split, batch, c
 each with its standard error) and <out>/reward.log.jsonl; for synth also <out>/comparisons/synth_{train,valid}.json.
 """
 import argparse
-import json
 import math
 import sys
 import time
@@ -28,7 +27,7 @@ import synth  # the synthetic task's world: its tokenizer's words, its compariso
 from model import autocast, pick_dtype, reward_at_eos, trim_padding
 from support import distributed
 from support.checkpoint import (CheckpointError, check_resume, input_digests, load_checkpoint, load_resume_state,
-                                model_from_checkpoint, save_checkpoint, save_resume_state, stop_if_not_finite)
+                                model_from_checkpoint, save_final, save_resume_state, stop_if_not_finite)
 from support.cli import (add_run_args, add_task_args, fill_task_defaults, fraction, nonnegative_float, positive_float,
                          positive_int, warmup_fraction)
 from support.files import run_lock
@@ -356,10 +355,8 @@ def run(args):
     if not distributed.is_main():
         return  # the metrics and files are rank 0's
     metrics = final_metrics(rm, arrays, records, eval_rows, r0, r1, before, after, train_rows, args, step, t_start)
-    save_checkpoint(out / "reward.pt", rm, stage="reward", task=args.task, tokenizer=enc.name, args=args, step=step,
-                    metrics=metrics, norm_bias=rm.score.bias.item())
-    (out / "reward.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    (out / "reward.resume.pt").unlink(missing_ok=True)
+    save_final(out, rm, stage="reward", task=args.task, tokenizer=enc.name, args=args, step=step, metrics=metrics,
+               norm_bias=rm.score.bias.item())
     print_report(metrics, args, out)
 
 

@@ -26,7 +26,7 @@ import synth  # the synthetic task's world: its tokenizer's words, its data (mad
 from model import GPT, GPTConfig, autocast, pick_dtype, sample_responses, trim_padding
 from support import distributed, hf
 from support.checkpoint import (CheckpointError, check_finite, input_digests, load_checkpoint, load_resume_state,
-                                model_from_checkpoint, save_checkpoint, save_resume_state, stop_if_not_finite)
+                                model_from_checkpoint, save_final, save_resume_state, stop_if_not_finite)
 from support.cli import (add_run_args, add_task_args, fill_task_defaults, nonnegative_float, positive_float,
                          positive_int, warmup_fraction)
 from support.files import run_lock
@@ -204,10 +204,7 @@ def finish(model, last, records, sample, responses, args, enc, out, step, t_star
             f.write(json.dumps(dict(id=rec["id"], reference=data.as_response(rec["summary"]), sft=text)) + "\n")
     for rec, text in list(zip(records, texts))[:3]:
         print(f"\n  reference:{data.as_response(rec['summary'])}\n  sft:      {text}")
-    save_checkpoint(out / "sft.pt", model, stage="sft", task=args.task, tokenizer=enc.name, args=args, step=step,
-                    metrics=metrics)
-    (out / "sft.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    (out / "sft.resume.pt").unlink(missing_ok=True)
+    save_final(out, model, stage="sft", task=args.task, tokenizer=enc.name, args=args, step=step, metrics=metrics)
     print("\nsft: " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     print(f"sft: wrote {out / 'sft.pt'}")
 

@@ -5,6 +5,7 @@ takes its model shapes, tokenizer and task from the checkpoint it reads, and ref
 """
 import argparse
 import hashlib
+import json
 import math
 import pickle
 import zipfile
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from model import GPT, GPTConfig
-from support.files import atomic_open
+from support.files import atomic_open, atomic_write
 
 FORMAT = "tldr-rlhf/1"
 
@@ -46,6 +47,14 @@ def save_checkpoint(path, model, *, stage, task, tokenizer, args=None, step=0, m
     with atomic_open(path, "wb") as f:
         torch.save(ckpt, f)
 
+
+
+def save_final(out, model, *, stage, metrics, **meta):
+    """The end of a stage: <out>/<stage>.pt, <stage>.json (its metrics, for scripts) and the resume state removed, in
+    that order, so a run killed in between resumes and writes them again."""
+    save_checkpoint(out / f"{stage}.pt", model, stage=stage, metrics=metrics, **meta)
+    atomic_write(out / f"{stage}.json", json.dumps(metrics, indent=1) + "\n")
+    (out / f"{stage}.resume.pt").unlink(missing_ok=True)
 
 def load_checkpoint(path, stage=None, task=None, tokenizer=None, map_location="cpu"):
     """Read a checkpoint written by save_checkpoint. stage (a name or a tuple of names), task and tokenizer are what

@@ -13,7 +13,7 @@ import synth  # the synthetic task's world: its tokenizer's words, the gold rubr
 from model import pick_dtype
 from support import distributed
 from support.checkpoint import (input_digests, load_checkpoint, load_resume_state, model_from_checkpoint,
-                                save_checkpoint, save_resume_state)
+                                save_checkpoint, save_final, save_resume_state)
 from support.cli import fill_task_defaults
 from support.optim import paper_lr
 
@@ -230,10 +230,7 @@ def finish(policy, final, args, enc, out, update, t_start, device):
     metrics = dict(updates=update, episodes=update * args.rollout_batch_size, kl=rows[-1].get("kl"),
                    score=rows[-1].get("score"), minutes=(time.time() - t_start) / 60, peak_memory_gb=peak,
                    **{k: v for k, v in final.items() if k != "samples"})
-    save_checkpoint(out / "ppo.pt", policy, stage="ppo", task=args.task, tokenizer=enc.name, args=args, step=update,
-                    metrics=metrics)
-    (out / "ppo.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    (out / "ppo.resume.pt").unlink(missing_ok=True)
+    save_final(out, policy, stage="ppo", task=args.task, tokenizer=enc.name, args=args, step=update, metrics=metrics)
     print("ppo: " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     print(f"ppo: peak memory {peak:.2f} GB ({'CUDA max allocated' if device.type == 'cuda' else 'resident set'})")
     print(f"ppo: wrote {out / 'ppo.pt'}")
