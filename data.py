@@ -3,11 +3,12 @@
     python -m support.openai_data              # OpenAI's files -> data/tldr/ (resumable)
     python synth.py --seed 0                   # synthetic posts -> data/synth/ (the world, gold and labelers: synth.py)
 
-Everything a stage consumes comes from here: the tokenizers, readers for each original file format (they return
-plain dicts), `format_query` (the one place the query is built), tokenized tensors cached on disk, the decoding of
-sampled responses and their ROUGE, comparison collection (the paper's step 1, with any labelers) and the writer of
-comparisons in the original format. synth.py makes the synthetic task's files (and hands over its world's words
-and post check: `register_synthetic_world`); this module only reads them.
+Everything a stage consumes comes from here: the conventions of the query (`format_query`, the one place it is
+built) and of the response (`as_response` + EOS), the tokenized arrays the stages train on, the decoding and scoring
+of sampled summaries, and comparison collection (the paper's step 1, with any labelers). The plumbing beneath is
+named here too: the readers and writers of the released file formats (support/formats.py), the tokenizers
+(support/tokenizers.py) and ROUGE (support/rouge.py). synth.py makes the synthetic task's files (and hands over its
+world's words and post check: `register_synthetic_world`); this module only reads them.
 
 Layout of a task's data directory (the same for both tasks, so the stages have one code path):
     {data_dir}/train.jsonl valid.jsonl test.jsonl      posts + reference TL;DRs (tldr_3_filtered format)
@@ -16,23 +17,21 @@ Layout of a task's data directory (the same for both tasks, so the stages have o
     {data_dir}/cnndm_test.jsonl | transfer.jsonl       the transfer set: CNN/DM articles | a held-out subreddit
     {data_dir}/cnndm/                                  tldr: the raw CNN/DM url list, titles and .story files
 """
-import functools
-import hashlib
-import json
-import re
-import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 import torch
 from tqdm import tqdm
 
 from model import autocast, reward_at_eos, sample_responses, trim_padding
-from support.files import atomic_open, atomic_write
+from support.files import cached_arrays
+# What the stages use of the plumbing, so that `data.X` is the one name for each: file formats, tokenizers, ROUGE.
+from support.formats import (DataError, as_response, comparison_record, read_axis_evals, read_cnndm,  # noqa: F401
+                             read_comparisons, read_tldr, register_synthetic_world, subreddit_name, synthetic_world,
+                             write_jsonl)
+from support.rouge import copying, mean_rouge, rouge  # noqa: F401
+from support.tokenizers import PAT_ASCII, SYNTH_TOKENIZER, get_tokenizer  # noqa: F401
 
-SYNTH_TOKENIZER = "synth-words-v1"
 # Per-task defaults, read by every stage. Query and response lengths are in tokens of the task's tokenizer; the
 # response length includes the EOS token. tldr: the paper's 512-token query and 48-token summaries (Section 3.2).
 # rm_response_len is the room for a compared summary: a sample that ran to the length limit without EOS, plus the
@@ -53,59 +52,8 @@ TEMPLATES = {
 CACHE_VERSION = 1  # bump when the layout of prepared arrays changes
 
 
-class DataError(ValueError):
-    """Bad or missing input data; the message names the file (and line) to look at."""
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# tokenizers
-
-# GPT-2's pre-tokenizer regex. The synthetic tokenizer uses it too, so each world word is one regex piece.
-PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# The same on ASCII text, in Python's re (no \p{..} classes): synth.py splits the world's text into words with it.
-PAT_ASCII = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""")
-
-
-# What this module needs of the synthetic world, which lives in synth.py: the words of its tokenizer and the check of
-# a post. synth.py imports this module and hands them over when imported (`register_synthetic_world`), so this module
-# never imports synth.py.
-_SYNTHETIC_WORLD = {}
-
-
-def register_synthetic_world(world, words, check_post):
-    """world: the id prefix of the synthetic records ("synth1"); words(): every word the world can write (the synth
-    tokenizer's vocabulary); check_post(record): raises DataError for a post its id does not generate."""
-    _SYNTHETIC_WORLD.update(world=world, words=words, check_post=check_post)
-
-
-def synthetic_world(key):
-    """One of the pieces synth.py registered; an error saying what to import where it has not been imported."""
-    if not _SYNTHETIC_WORLD:
-        raise DataError("the synthetic task needs synth.py's world: `import synth` before reading its data")
-    return _SYNTHETIC_WORLD[key]
-
-
-@functools.lru_cache(maxsize=None)
-def get_tokenizer(name):
-    """'gpt2' (GPT-2 BPE, tiktoken's r50k_base) or 'synth-words-v1'. EOS is `enc.eot_token`, PAD is `pad_id(enc)`."""
-    if name == "gpt2":
-        try:
-            return tiktoken.get_encoding("r50k_base")
-        except Exception as e:  # tiktoken raises whatever its HTTP client raises when it cannot fetch the ranks
-            raise DataError("could not load the GPT-2 BPE (tiktoken r50k_base). Offline, set TIKTOKEN_CACHE_DIR to a "
-                            f"folder holding the cached ranks (tiktoken stores them there when online): {e}") from e
-    if name == SYNTH_TOKENIZER:
-        # Word level: the 256 single bytes (so any text still encodes) plus every word of the closed synthetic world,
-        # with and without its leading space, as one token each. tiktoken maps a regex piece found in the ranks
-        # straight to its id, so no merge chain is needed. Sequences are ~5x shorter than bytes and copying a fact
-        # from the post is a one-token act, which is what lets a tiny CPU model learn the task in minutes.
-        ranks = {bytes([b]): b for b in range(256)}
-        for word in sorted(synthetic_world("words")()):
-            for piece in (word, " " + word):
-                ranks.setdefault(piece.encode(), len(ranks))
-        return tiktoken.Encoding(name, pat_str=PAT, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": len(ranks)})
-    raise DataError(f"unknown tokenizer {name!r}; expected 'gpt2' or {SYNTH_TOKENIZER!r}")
-
+# tokens
 
 def pad_id(enc):
     """PAD is one past the vocabulary (never EOS: a model that pads with EOS never learns to stop). The model's
@@ -114,164 +62,7 @@ def pad_id(enc):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# readers for the formats of OpenAI's released files, each named in its docstring with the fields it reads. Each
-# returns a list of plain dicts.
-
-def _read_jsonl(path, convert, skip_bad):
-    """Convert each JSON line of `path`. A bad line raises DataError naming file:line, or with `skip_bad` is skipped,
-    counted and reported. Lines are split on b"\\n" only: decoded text may hold U+2028, which splitlines() splits."""
-    path, out, bad, first = Path(path), [], 0, None
-    if not path.is_file():
-        raise DataError(f"{path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
-    try:
-        f = open(path, "rb")
-    except OSError as e:  # no read permission: one line, not a traceback
-        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
-    with f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8")
-                if not text.strip():
-                    raise DataError("empty line")
-                obj = json.loads(text)
-                if not isinstance(obj, dict):
-                    raise DataError("not a JSON object")
-                if "\\u" in text:  # "\ud800" decodes to a lone surrogate: no character, and no UTF-8 file can hold it
-                    try:
-                        json.dumps(obj, ensure_ascii=False).encode("utf-8")
-                    except UnicodeEncodeError as e:
-                        raise DataError(f"a lone surrogate \\u{ord(e.object[e.start]):04x} (half of a UTF-16 pair) "
-                                        f"after {e.object[max(0, e.start - 30):e.start]!r}") from None
-                out.append(convert(obj))
-            except UnicodeDecodeError as e:
-                err = f"invalid UTF-8 at byte {e.start}"
-            except json.JSONDecodeError as e:
-                err = f"malformed JSON ({e.msg} at column {e.colno})"
-            except DataError as e:
-                err = str(e)
-            else:
-                continue
-            if not skip_bad:
-                raise DataError(f"{path}:{lineno}: {err}")
-            bad += 1
-            first = first or f"line {lineno}: {err}"
-    if bad:
-        print(f"warning: {path}: skipped {bad} bad line(s) (first at {first})", file=sys.stderr)
-    return out
-
-
-def _get(obj, key, kind=str, required=True):
-    if key not in obj or obj[key] is None:
-        if required:
-            raise DataError(f"missing field {key!r}")
-        return None
-    if not isinstance(obj[key], kind) or (kind is int and isinstance(obj[key], bool)):  # JSON true is not a 1
-        raise DataError(f"field {key!r} should be {kind.__name__}, got {type(obj[key]).__name__}")
-    return obj[key]
-
-
-def _document(info):
-    """The source document of a comparison or axis eval: a Reddit post or a CNN/DM article, quirks normalized."""
-    doc = dict(id=_get(info, "id", required=False), title=_get(info, "title", required=False),
-               subreddit=None, post=None, site=None, article=None, is_cnndm="article" in info)
-    if doc["is_cnndm"]:
-        doc.update(article=_get(info, "article"), site=_get(info, "site", required=False))
-    else:
-        doc.update(post=_get(info, "post"), title=_get(info, "title"), subreddit=_subreddit(_get(info, "subreddit")))
-        if not doc["post"].strip():
-            raise DataError("empty post")
-    return doc
-
-
-def _subreddit(name):
-    return name[2:] if name.startswith("r/") else name  # edit_b2_eval_test writes "r/relationships"
-
-
-def as_response(text):
-    """The response convention: exactly one leading space (the text follows 'TL;DR:'), then the summary. Real
-    comparison texts have one space, none (edit_b2_eval_test), a no-break space (some CNN/DM) or are empty."""
-    return " " + text.lstrip()
-
-
-def read_tldr(path, skip_bad=False, check=None):
-    """tldr_3_filtered {split}.jsonl -> [{id, subreddit, title, post, summary}]; summary without its leading space.
-    check(record), when given, raises DataError for a record that is well-formed but unusable (its file:line named)."""
-    def convert(obj):
-        rec = {k: _get(obj, k) for k in ("id", "subreddit", "title", "post", "summary")}
-        for field in ("post", "summary"):  # nothing to summarize, or nothing to learn from
-            if not rec[field].strip():
-                raise DataError(f"empty {field}")
-        rec = dict(rec, subreddit=_subreddit(rec["subreddit"]))
-        if check:
-            check(rec)
-        return rec
-    return _read_jsonl(path, convert, skip_bad)
-
-
-def read_comparisons(paths, skip_bad=False):
-    """comparisons/*.json (one path or several) -> one dict per comparison: the document (id, subreddit, title, post,
-    site, article, is_cnndm; absent fields None), summaries [text0, text1] normalized by `as_response`, policies,
-    notes, choice (0/1), worker, batch, split (train/valid1/valid2), confidence (1-9, or None when `extra` is {}).
-    A comparison already read from an earlier file is dropped: batch0_cnndm.json repeats cnndm0.json. A synthetic
-    post that is not its world's (edited by hand) is refused here, not when its gold score is first needed."""
-    def convert(obj):
-        summaries = _get(obj, "summaries", list)
-        if len(summaries) != 2 or not all(isinstance(s, dict) for s in summaries):
-            raise DataError("'summaries' should hold two objects")
-        choice = _get(obj, "choice", int)
-        if choice not in (0, 1):
-            raise DataError(f"choice should be 0 or 1, got {choice}")
-        confidence = (_get(obj, "extra", dict, required=False) or {}).get("confidence")
-        doc = _document(_get(obj, "info", dict))
-        world = _SYNTHETIC_WORLD.get("world")  # None where synth.py is not imported: only real data is read
-        if world and str(doc["id"]).startswith(world + "_") and doc["post"] is not None:
-            _SYNTHETIC_WORLD["check_post"](doc)
-        return dict(doc, summaries=[as_response(_get(s, "text")) for s in summaries],
-                    policies=[_get(s, "policy") for s in summaries], notes=[s.get("note") for s in summaries],
-                    choice=choice, worker=_get(obj, "worker"), batch=_get(obj, "batch"), split=_get(obj, "split"),
-                    confidence=confidence)
-    out, seen, dropped = [], set(), 0
-    for path in [paths] if isinstance(paths, (str, Path)) else paths:
-        keys = []
-        for rec in _read_jsonl(path, convert, skip_bad):
-            key = json.dumps([rec[k] for k in ("id", "title", "post", "article", "summaries", "policies", "choice",
-                                               "worker", "split")])
-            if key in seen:
-                dropped += 1
-            else:
-                out.append(rec)
-                keys.append(key)
-        seen.update(keys)  # only across files: two identical lines inside one file are two real judgments
-    if dropped:
-        print(f"note: dropped {dropped} comparisons repeated from an earlier file (e.g. batch0_cnndm = cnndm0)",
-              file=sys.stderr)
-    return out
-
-
-def read_axis_evals(path, skip_bad=False):
-    """axis_evals/*.json -> [{document fields, summary, policy, note, axes{overall, accuracy, coverage, coherence,
-    compatible} (None where missing; 1-7 Likert), worker, batch, split}]."""
-    def convert(obj):
-        s = _get(obj, "summary", dict)
-        axes = _get(s, "axes", dict)
-        return dict(_document(_get(obj, "info", dict)), summary=as_response(_get(s, "text")), policy=_get(s, "policy"),
-                    note=s.get("note"), axes={k: axes.get(k) for k in ("overall", "accuracy", "coverage", "coherence",
-                                                                        "compatible")},
-                    worker=_get(obj, "worker"), batch=_get(obj, "batch"), split=_get(obj, "split"))
-    return _read_jsonl(path, convert, skip_bad)
-
-
-def read_cnndm(path, skip_bad=False):
-    """Processed CNN/DM articles, one JSON object per line as OpenAI's loader yields them ({article, reference, id,
-    site, title}) -> [{id, site, title, article, summary}]; `summary` is the reference (highlights)."""
-    def convert(obj):
-        rec = dict(id=_get(obj, "id"), site=_get(obj, "site"), title=_get(obj, "title", required=False),
-                   article=_get(obj, "article"), summary=_get(obj, "reference"))
-        if not rec["article"].strip():
-            raise DataError("empty article")
-        return rec
-    return _read_jsonl(path, convert, skip_bad)
-
+# the splits, read with the readers of the released formats (support/formats.py)
 
 def split_path(task, split, data_dir=None):
     """The file of one split (train/valid/test/transfer) of a task."""
@@ -301,7 +92,7 @@ def load_split(task, split, data_dir=None, skip_bad=False):
 def _fill(record, template):
     fmt, field = TEMPLATES[template or ("cnndm" if record.get("article") else "tldr")]
     fields = {k: record.get(k) or "" for k in ("subreddit", "title", "post", "article")}
-    fields["subreddit"] = _subreddit(fields["subreddit"])
+    fields["subreddit"] = subreddit_name(fields["subreddit"])
     return fmt, field, fields
 
 
@@ -363,40 +154,6 @@ def _pad(rows, width, pad, left):
     return out
 
 
-def _cached(kind, key_parts, records, build, cache_dir):
-    """Arrays from `build()`, cached in cache_dir as {kind}-{key}.npz + .json. The key hashes what made them: the
-    records' content, tokenizer and lengths. The JSON is written last, so a half-written cache is never used; one
-    damaged later (emptied, cut, overwritten) is built anew, saying so."""
-    if cache_dir is None:
-        return build()[0]
-    h = hashlib.sha256(json.dumps([CACHE_VERSION, kind, key_parts]).encode())
-    for r in records:
-        h.update(json.dumps(r, sort_keys=True).encode())
-    key = h.hexdigest()
-    npz, meta = Path(cache_dir) / f"{kind}-{key[:16]}.npz", Path(cache_dir) / f"{kind}-{key[:16]}.json"
-    if meta.is_file() and npz.is_file():
-        where = meta
-        try:  # an emptied, cut or overwritten cache is built anew, not a failure of every later run
-            saved = json.loads(meta.read_text())
-            if saved.get("key") == key:
-                where = npz
-                with np.load(npz, allow_pickle=False) as z:
-                    arrays = dict(z)  # reads every array, so the zip's CRCs are checked
-                if len(arrays["index"]) != saved["rows"]:
-                    raise ValueError(f"{len(arrays['index'])} rows where {meta.name} says {saved['rows']}")
-                return arrays
-        except Exception as e:
-            print(f"data: the cached {where} is damaged or unreadable ({type(e).__name__}: {e}); building it anew",
-                  file=sys.stderr)
-    arrays, info = build()
-    with atomic_open(npz, "wb") as f:
-        np.savez(f, **arrays)
-    atomic_write(meta, json.dumps(dict(key=key, kind=kind, params=key_parts, rows=len(arrays["index"]), **info),
-                                  indent=1) + "\n")
-    print(f"data: prepared {len(arrays['index']):,} {kind} rows -> {npz} {info}")
-    return arrays
-
-
 def prepare_sft(records, enc, max_query_tokens, max_response_tokens, cache_dir=None, template=None):
     """Records with a `summary` -> {query (N, Lq) int32 left-padded, response (N, Lr) int32 right-padded, index (N,)
     the rows of `records` kept}. Padding is `pad_id(enc)`. A reference that does not fit with its EOS is dropped
@@ -408,7 +165,8 @@ def prepare_sft(records, enc, max_query_tokens, max_response_tokens, cache_dir=N
         return dict(query=_pad([queries[i] for i in keep], max_query_tokens, pad_id(enc), left=True),
                     response=_pad([responses[i] for i in keep], max_response_tokens, pad_id(enc), left=False),
                     index=np.array(keep, dtype=np.int64)), dict(dropped_long=len(records) - len(keep))
-    return _cached("sft", [enc.name, max_query_tokens, max_response_tokens, template], records, build, cache_dir)
+    return cached_arrays("sft", [enc.name, max_query_tokens, max_response_tokens, template], records, build, cache_dir,
+                         CACHE_VERSION)
 
 
 def prepare_comparisons(records, enc, max_query_tokens, max_response_tokens, cache_dir=None):
@@ -432,7 +190,8 @@ def prepare_comparisons(records, enc, max_query_tokens, max_response_tokens, cac
             split=[r["split"] for r in rows], batch=[r["batch"] for r in rows], worker=[r["worker"] for r in rows],
             policy0=[r["policies"][0] for r in rows], policy1=[r["policies"][1] for r in rows]).items()})
         return arrays, dict(dropped_long=len(records) - len(keep))
-    return _cached("comparisons", [enc.name, max_query_tokens, max_response_tokens], records, build, cache_dir)
+    return cached_arrays("comparisons", [enc.name, max_query_tokens, max_response_tokens], records, build, cache_dir,
+                         CACHE_VERSION)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -449,82 +208,8 @@ def decode_responses(enc, tokens):
     return texts
 
 
-def _rouge_tokens(text):
-    # rouge-score's default tokenizer: lowercase, anything but a-z and 0-9 becomes a space, split on whitespace
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
-
-
-def _fmeasure(overlap, n_prediction, n_reference):
-    precision, recall = overlap / max(n_prediction, 1), overlap / max(n_reference, 1)
-    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-
-
-def rouge(prediction, reference):
-    """{rouge1, rouge2, rougeL} F-measures of one prediction against one reference; the values of Google's
-    `rouge-score` (RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)), 0 when either text has no
-    tokens. ROUGE-N counts each n-gram of the prediction at most as often as the reference has it; ROUGE-L is the
-    longest common subsequence of the two token lists. The paper finds that ROUGE agrees poorly with its labelers
-    (Section 4.4): a secondary metric here."""
-    pred, ref = _rouge_tokens(prediction), _rouge_tokens(reference)
-    out = {}
-    for n in (1, 2):
-        p, r = (Counter(tuple(t[i:i + n]) for i in range(len(t) - n + 1)) for t in (pred, ref))
-        out[f"rouge{n}"] = _fmeasure(sum((p & r).values()), sum(p.values()), sum(r.values()))  # & is the clipped min
-    out["rougeL"] = _fmeasure(_lcs(ref, pred), len(pred), len(ref))
-    return out
-
-
-def _lcs(a, b):
-    """Length of the longest common subsequence of two sequences, one row of the table at a time."""
-    prev = [0] * (len(b) + 1)  # prev[j]: LCS of a so far and b[:j]
-    for x in a:
-        row = [0]
-        for j, y in enumerate(b):
-            row.append(prev[j] + 1 if x == y else max(prev[j + 1], row[j]))
-        prev = row
-    return prev[-1]
-
-
-def copying(summary, source):
-    """How much a summary copies its source (the paper's Section 4.4, footnote 9): the longest common subsequence of
-    the summary's word bigrams with the source's (post or article), divided by the summary's number of bigrams. 1 is
-    a verbatim excerpt; 0 when the summary has no bigram. Words as ROUGE tokenizes them."""
-    s, p = _rouge_tokens(summary), _rouge_tokens(source)
-    s_bigrams, p_bigrams = list(zip(s, s[1:])), list(zip(p, p[1:]))
-    return _lcs(s_bigrams, p_bigrams) / len(s_bigrams) if s_bigrams else 0.0
-
-
-def mean_rouge(predictions, references):
-    """The mean of each `rouge` F-measure over pairs of texts."""
-    if len(predictions) != len(references) or not predictions:
-        raise ValueError(f"need as many predictions as references, at least one: {len(predictions)} vs "
-                         f"{len(references)}")
-    scores = [rouge(p, r) for p, r in zip(predictions, references)]
-    return {k: float(np.mean([s[k] for s in scores])) for k in ("rouge1", "rouge2", "rougeL")}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # writing data: our files in the original formats, and the comparisons of step 1
-
-def write_jsonl(path, objs):
-    """One `json.dumps(obj)` per line with Python's defaults (ASCII, ', ' and ': '): byte for byte the format of
-    OpenAI's files, so comparisons we collect sit next to theirs and go through the same readers."""
-    atomic_write(path, "".join(json.dumps(o) + "\n" for o in objs))
-
-
-def comparison_record(rec, summaries, choice, worker, split, batch, confidence=None, notes=(None, None), axes=None):
-    """One comparison in the format and key order of OpenAI's comparisons/*.json: info, split, summaries [{text,
-    policy, note}] in the order shown, choice (0/1), worker, batch, extra {confidence: 1-9}. summaries: two
-    (policy, text) pairs. axes: for each summary a dict of the 1-7 ratings given (overall, accuracy, coverage,
-    coherence), stored as summaries[i].axes, the field the released axis evals use; left out when none was given."""
-    rows = [dict(text=as_response(text), policy=policy, note=note) for (policy, text), note in zip(summaries, notes)]
-    for row, given in zip(rows, axes or ({}, {})):
-        if given:
-            row["axes"] = dict(given)
-    return dict(info=dict(id=rec["id"], post=rec["post"], title=rec["title"], subreddit=rec["subreddit"]),
-                split=split, summaries=rows, choice=choice, worker=worker, batch=batch,
-                extra={} if confidence is None else dict(confidence=confidence))
-
 
 def make_pairs(records, candidates, rng, ref_fraction=0.25, pairs_per_record=1):
     """The pairs of step 1 (Section 3.1): two summaries of the same post in random order. candidates[i] lists
@@ -633,5 +318,5 @@ def score_summaries(rm, records, texts, enc, task, batch_size=64, device="cpu", 
     for tokens, _, rows in summary_batches([records[i] for i in scored], [texts[i] for i in scored], enc, task,
                                            batch_size, device, skip_long=True):
         with autocast(device, dtype):
-            out[scored[rows]] = reward_at_eos(rm, tokens, (tokens != pad_id(enc)).long()).float().cpu().numpy()
+            out[scored[rows]] = reward_at_eos(rm, tokens, (tokens != pad_id(enc)).long(), enc.eot_token).cpu().numpy()
     return out

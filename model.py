@@ -7,10 +7,9 @@ and shapes are GPT-2's, so the Hugging Face checkpoints map one to one (support/
 
 Besides the model this file holds what the stages compute with it: sampling with a KV cache, the log-probs of a
 response, the reward read at the EOS token, and mixed precision (the optimizer and learning rates: support/optim.py).
-
-    python model.py demo                               # a tiny random GPT: padding, KV cache, sampling
+tests/test_model.py shows each property the stages rely on (left padding changes nothing, the KV cache changes
+nothing, the scalar head is read at the EOS) on tiny random models.
 """
-import argparse
 import contextlib
 import math
 from dataclasses import dataclass
@@ -338,12 +337,20 @@ def response_logprobs(model, tokens, attention_mask, n_query, temperature=1.0, w
     return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
-def reward_at_eos(model, tokens, attention_mask):
-    """A scalar-head model's output at each row's last real token - the response's EOS - whatever the padding on
-    either side: the paper gives one reward for the entire summary (section 3.4), and OpenAI's released code reads
-    it at the last token, once the whole summary has been seen. Returns (B,) fp32."""
+def reward_at_eos(model, tokens, attention_mask, eos_id, no_eos_score=None):
+    """A scalar-head model's output at each row's last real token, which must be the response's EOS, whatever the
+    padding on either side: the paper gives one reward for the entire summary (section 3.4), and OpenAI's released
+    code reads it once the whole summary has been seen. A row that ran out of length before its EOS gets
+    no_eos_score (PPO's penalty for a summary that never ends), or is an error where none is given: read anywhere
+    else, the score would be of an unfinished summary. Returns (B,) fp32."""
+    last = last_token_index(attention_mask)
+    ended = tokens.gather(1, last[:, None]).squeeze(1) == eos_id
+    if no_eos_score is None and not ended.all():
+        raise ValueError(f"rows {ended.logical_not().nonzero().flatten().tolist()} do not end with the EOS token "
+                         f"{eos_id}: their reward would be read mid-summary")
     values = model(tokens, attention_mask).float()  # (B, T)
-    return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+    score = values.gather(1, last[:, None]).squeeze(1)
+    return score if no_eos_score is None else torch.where(ended, score, torch.full_like(score, no_eos_score))
 
 
 def last_token_index(attention_mask):
@@ -421,33 +428,3 @@ def autocast(device, dtype):
     if dtype in (None, torch.float32):
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-
-def demo():
-    """A tiny random GPT shows the properties every stage relies on, in a few seconds."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=1000, block_size=64, n_layer=2, n_head=4, n_embd=64)).eval()
-    print(f"tiny GPT: {model.num_params():,} parameters, embedding rows {model.config.padded_vocab_size}")
-    prompt = torch.randint(0, 999, (2, 10))
-    padded = torch.cat([torch.full((2, 4), 1000), prompt], 1)
-    mask = torch.cat([torch.zeros(2, 4), torch.ones(2, 10)], 1)
-    with torch.no_grad():
-        diff = (model(padded, mask)[:, 4:] - model(prompt)).abs().max().item()
-    print(f"left-padded vs unpadded logits, max |diff|: {diff:.2e}")
-    g = torch.Generator().manual_seed(0)
-    out = model.generate(padded, mask, max_new_tokens=8, temperature=0.7, generator=g)
-    print(f"sampled after a left-padded prompt: {out[:, 14:].tolist()}")
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="show padding, KV-cache sampling and shapes on a tiny random GPT")
-    parser.parse_args()
-    demo()
-
-
-if __name__ == "__main__":
-    main()

@@ -179,11 +179,10 @@ def rollout(policy, ref, value, rm, queries, seeds, args, pad, eos, device, dtyp
             scored.append(dict(logp=response_logprobs(policy, tokens, mask, n_query, T),
                                ref_logp=response_logprobs(ref, tokens, mask, n_query, T),
                                values=value_estimates(value, tokens, mask, n_query),
-                               score=reward_at_eos(rm, tokens, mask)))
+                               score=reward_at_eos(rm, tokens, mask, eos, args.no_eos_score)))
     batch = {k: torch.cat([s[k] for s in scored]).cpu() for k in scored[0]}
     batch.update(query=queries.cpu(), response=response, has_eos=(response == eos).any(1),
                  resp_mask=(response != pad).float())
-    batch["score"] = torch.where(batch["has_eos"], batch["score"], torch.tensor(args.no_eos_score))
     return batch, dict(sampling_s=t1 - t0, scoring_s=time.time() - t1)
 
 

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 import data
-import synth  # the synthetic task's world: its tokenizer's words, its comparisons (collected there)
+import synth  # the synthetic task's world: its tokenizer's words, its labelers
 from model import autocast, pick_dtype, reward_at_eos, trim_padding
-from support import distributed
+from support import distributed, synth_comparisons
 from support.checkpoint import (CheckpointError, check_resume, input_digests, load_checkpoint, load_resume_state,
                                 model_from_checkpoint, save_final, save_resume_state, stop_if_not_finite)
 from support.cli import (add_run_args, add_task_args, fill_task_defaults, fraction, nonnegative_float, positive_float,
@@ -93,12 +93,12 @@ def parse_args(argv=None):
     return args
 
 
-def pair_rewards(rm, query, response0, response1, pad):
+def pair_rewards(rm, query, response0, response1, pad, eos):
     """Rewards (B,), (B,) of two responses to the same (B, Lq) queries, in one forward over the stacked pairs. Each
-    is read at the response's EOS, the last real token (model.reward_at_eos)."""
+    is read at the response's EOS, the last real token (model.reward_at_eos); every compared response has one."""
     tokens = torch.cat([torch.cat([query, response0], 1), torch.cat([query, response1], 1)])
     tokens, _ = trim_padding(tokens, pad)
-    r = reward_at_eos(rm, tokens, (tokens != pad).long())
+    r = reward_at_eos(rm, tokens, (tokens != pad).long(), eos)
     return r.chunk(2)
 
 
@@ -109,14 +109,14 @@ def preference_loss(r0, r1, choice):
 
 
 @torch.no_grad()
-def all_rewards(rm, arrays, rows, args, pad, device, dtype):
+def all_rewards(rm, arrays, rows, args, enc, device, dtype):
     """Rewards of both responses of the given comparison rows: (N,), (N,) numpy."""
     out0, out1 = [], []
     for i in range(0, len(rows), args.micro_batch_size):
         part = rows[i:i + args.micro_batch_size]
         q, a, b = data.tensors(arrays, part, ("query", "response0", "response1"), device)
         with autocast(device, dtype):
-            r0, r1 = pair_rewards(rm, q, a, b, pad)
+            r0, r1 = pair_rewards(rm, q, a, b, data.pad_id(enc), enc.eot_token)
         out0.append(r0.float().cpu())
         out1.append(r1.float().cpu())
     return torch.cat(out0).numpy(), torch.cat(out1).numpy()
@@ -132,7 +132,7 @@ def reference_rewards(rm, records, enc, args, device, dtype):
         q, r = data.tensors(arrays, slice(i, i + args.micro_batch_size), ("query", "response"), device)
         tokens, _ = trim_padding(torch.cat([q, r], 1), pad)
         with autocast(device, dtype):
-            out.append(reward_at_eos(rm, tokens, (tokens != pad).long()).float().cpu())
+            out.append(reward_at_eos(rm, tokens, (tokens != pad).long(), enc.eot_token).float().cpu())
     return torch.cat(out).numpy()
 
 
@@ -167,10 +167,10 @@ def load_comparisons(args, enc, sft_ckpt, device, dtype):
             raise data.DataError(f"no comparison files in {Path(args.data_dir) / 'comparisons'}; run "
                                  "`python -m support.openai_data` (or pass --comparisons)")
     else:
-        files = synth.reward_comparison_files(Path(args.out_dir) / "comparisons")
+        files = synth_comparisons.reward_comparison_files(Path(args.out_dir) / "comparisons")
         # Under torchrun rank 0 collects alone (sampling and labeling stay those of one process); the others wait.
         if distributed.is_main():
-            synth.collect_if_stale(args, enc, sft_ckpt, files, device, dtype)
+            synth_comparisons.collect_if_stale(args, enc, sft_ckpt, files, device, dtype)
         distributed.barrier()
     records = data.read_comparisons(files)
     check_task(records, files, args.task)
@@ -203,7 +203,7 @@ def split_rows(arrays, args):
     return train_rows, eval_rows, val_rows
 
 
-def train_step(train_forward, arrays, idx, args, pad, device, dtype):
+def train_step(train_forward, arrays, idx, args, enc, device, dtype):
     """Forward and backward of one global batch of comparisons (the rows idx) in micro-batches; returns the batch's
     mean loss and accuracy."""
     accum = args.batch_size // (args.micro_batch_size * distributed.world_size())  # micro-batches per process
@@ -214,22 +214,22 @@ def train_step(train_forward, arrays, idx, args, pad, device, dtype):
         q, a, b = data.tensors(arrays, part, ("query", "response0", "response1"), device)
         choice = torch.as_tensor(arrays["choice"][part], device=device)
         with distributed.no_sync(train_forward, skip=m < accum - 1), autocast(device, dtype):
-            r0, r1 = pair_rewards(train_forward, q, a, b, pad)
+            r0, r1 = pair_rewards(train_forward, q, a, b, data.pad_id(enc), enc.eot_token)
         loss, acc = preference_loss(r0.float(), r1.float(), choice)
         (loss / accum).backward()  # DDP then averages over the processes: the mean over the global batch
         loss_sum, acc_sum = loss_sum + loss.item() / accum, acc_sum + acc.item() / accum
     return distributed.mean_over_ranks([loss_sum, acc_sum])
 
 
-def rewards_of(rm, arrays, rows, args, pad, device, dtype):
+def rewards_of(rm, arrays, rows, args, enc, device, dtype):
     """all_rewards of rows, each process scoring its shard; every process gets them all, in order."""
     mine = rows[distributed.shard(len(rows))]
-    return tuple(distributed.gather(r) for r in all_rewards(rm, arrays, mine, args, pad, device, dtype))
+    return tuple(distributed.gather(r) for r in all_rewards(rm, arrays, mine, args, enc, device, dtype))
 
 
-def held_out_accuracy(rm, arrays, rows, args, pad, device, dtype):
+def held_out_accuracy(rm, arrays, rows, args, enc, device, dtype):
     rm.eval()
-    r0, r1 = rewards_of(rm, arrays, rows, args, pad, device, dtype)
+    r0, r1 = rewards_of(rm, arrays, rows, args, enc, device, dtype)
     rm.train()
     return float(((r1 > r0) == (arrays["choice"][rows] == 1)).mean())
 
@@ -254,7 +254,7 @@ def final_metrics(rm, arrays, records, eval_rows, r0, r1, before, after, train_r
                    reference_reward_before=float(before.mean()), reference_reward_after=float(after.mean()),
                    reward_mean=float(both.mean()), reward_std=float(both.std()))
     if args.task == "synth":  # the ceiling: how often a second simulated labeler agrees on the held-out pairs
-        metrics.update(synth.second_opinion_metrics([records[i] for i in arrays["index"][eval_rows]],
+        metrics.update(synth_comparisons.second_opinion_metrics([records[i] for i in arrays["index"][eval_rows]],
                                                     args.labelers, args.seed))
     return metrics
 
@@ -330,14 +330,14 @@ def run(args):
         t0 = time.time()
         lr = cosine_lr(step, total_steps, args.lr, args.warmup)
         idx = train_rows[data.batch_indices(len(train_rows), args.batch_size, step, args.seed)]
-        loss, acc = train_step(train_forward, arrays, idx, args, pad, device, dtype)
+        loss, acc = train_step(train_forward, arrays, idx, args, enc, device, dtype)
         stop_if_not_finite(loss, f"step {step + 1}", out / "reward.resume.pt")
         optimizer_step(optimizer, rm.parameters(), lr, args.grad_clip)
         step += 1
         row = dict(step=step, loss=loss, accuracy=acc, lr=lr, pairs_per_s=len(idx) / (time.time() - t0),
                    elapsed=time.time() - t_start)
         if step % args.eval_every == 0 or step == total_steps:
-            row["val_accuracy"] = held_out_accuracy(forward, arrays, val_rows, args, pad, device, dtype)
+            row["val_accuracy"] = held_out_accuracy(forward, arrays, val_rows, args, enc, device, dtype)
         log.write(row)
         print(f"step {step}/{total_steps} | loss {loss:.4f} | acc {acc:.3f} | lr {lr:.2e} | "
               f"{row['pairs_per_s']:.0f} pairs/s | {row['elapsed']:.1f}s"
@@ -351,7 +351,7 @@ def run(args):
     log.close()
 
     before, after = normalize(rm, forward, enc, args, device, dtype)
-    r0, r1 = rewards_of(forward, arrays, eval_rows, args, pad, device, dtype)  # every held-out comparison
+    r0, r1 = rewards_of(forward, arrays, eval_rows, args, enc, device, dtype)  # every held-out comparison
     if not distributed.is_main():
         return  # the metrics and files are rank 0's
     metrics = final_metrics(rm, arrays, records, eval_rows, r0, r1, before, after, train_rows, args, step, t_start)

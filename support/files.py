@@ -1,12 +1,16 @@
-"""The one atomic file writer, the one lock and the one resumable downloader of the project."""
+"""The one atomic file writer, the one lock, the one resumable downloader and the one array cache of the project."""
 import contextlib
 import errno
+import hashlib
+import json
 import os
 import shutil
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 
@@ -189,3 +193,37 @@ def _finish(part, dest, check):
         check(part)  # a file that fails keeps its .part name: nothing looks complete that is not
     os.replace(part, dest)
     return dest
+
+
+def cached_arrays(kind, key_parts, records, build, cache_dir, version):
+    """Arrays from `build()`, cached in cache_dir as {kind}-{key}.npz + .json. The key hashes what made them: the
+    records' content, tokenizer and lengths. The JSON is written last, so a half-written cache is never used; one
+    damaged later (emptied, cut, overwritten) is built anew, saying so. version: of the arrays' layout."""
+    if cache_dir is None:
+        return build()[0]
+    h = hashlib.sha256(json.dumps([version, kind, key_parts]).encode())
+    for r in records:
+        h.update(json.dumps(r, sort_keys=True).encode())
+    key = h.hexdigest()
+    npz, meta = Path(cache_dir) / f"{kind}-{key[:16]}.npz", Path(cache_dir) / f"{kind}-{key[:16]}.json"
+    if meta.is_file() and npz.is_file():
+        where = meta
+        try:  # an emptied, cut or overwritten cache is built anew, not a failure of every later run
+            saved = json.loads(meta.read_text())
+            if saved.get("key") == key:
+                where = npz
+                with np.load(npz, allow_pickle=False) as z:
+                    arrays = dict(z)  # reads every array, so the zip's CRCs are checked
+                if len(arrays["index"]) != saved["rows"]:
+                    raise ValueError(f"{len(arrays['index'])} rows where {meta.name} says {saved['rows']}")
+                return arrays
+        except Exception as e:
+            print(f"data: the cached {where} is damaged or unreadable ({type(e).__name__}: {e}); building it anew",
+                  file=sys.stderr)
+    arrays, info = build()
+    with atomic_open(npz, "wb") as f:
+        np.savez(f, **arrays)
+    atomic_write(meta, json.dumps(dict(key=key, kind=kind, params=key_parts, rows=len(arrays["index"]), **info),
+                                  indent=1) + "\n")
+    print(f"data: prepared {len(arrays['index']):,} {kind} rows -> {npz} {info}")
+    return arrays

@@ -1,13 +1,10 @@
 """Shared by the test files: the offline tokenizer cache, and tiny trained stages to build on."""
-import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_TIKTOKEN = ROOT.parent / "shared" / "tiktoken"
-if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN.is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_TIKTOKEN)
+import locations  # noqa: E402,F401  (sets TIKTOKEN_CACHE_DIR: the offline GPT-2 BPE)
 
 import reward  # noqa: E402
 import sft  # noqa: E402

@@ -1,14 +1,13 @@
 """Tests of data.py: the readers on OpenAI's real files, the query, the cache, decoding and ROUGE, the download.
 
-The real sample files live outside the repository, in ../shared/data/openai-sample/ (they are never copied here);
-tests that need them, or the GPT-2 BPE from ../shared/tiktoken, are skipped with a reason when they are absent.
+The real sample files live outside the repository (they are never copied here; tests/locations.py says where);
+tests that need them, or the GPT-2 BPE, are skipped with a reason when they are absent.
 """
 import functools
 import hashlib
 import http.server
 import io
 import json
-import os
 import sys
 import threading
 import time
@@ -19,10 +18,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-SAMPLE = SHARED / "data" / "openai-sample"
-if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken").is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken")  # GPT-2 BPE offline
+from locations import SAMPLE  # noqa: E402
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import synth  # noqa: E402  (synthetic records as test inputs)
@@ -274,9 +270,9 @@ def test_mean_rouge():
 
 def test_rouge_matches_rouge_score_package():
     # values computed by Google's rouge-score on real summaries (tests/fixtures/make_rouge_expected.py); the texts
-    # are read from ../shared, never stored here
+    # are read from the sample folder, never stored here
     expected = json.loads((ROOT / "tests/fixtures/rouge_expected.json").read_text())
-    path = SHARED / expected["source"]
+    path = SAMPLE / expected["source"]
     if not path.is_file():
         pytest.skip(f"real sample files not found at {path}")
     lines = path.read_bytes().split(b"\n")

@@ -16,6 +16,7 @@ import evaluate
 import ppo
 import synth
 from model import pick_dtype
+from support import eval_report
 from support.checkpoint import load_checkpoint, model_from_checkpoint
 from support.cli import pick_device
 from support.http_judge import HTTPJudge, JudgeError, parse_verdict
@@ -269,11 +270,11 @@ def test_end_to_end_writes_every_output(evaluated):
 def test_plots_are_drawn_with_matplotlib_and_skipped_without(evaluated, tmp_path, monkeypatch, capsys):
     out, res = evaluated
     pytest.importorskip("matplotlib")
-    files = evaluate.plot(res, tmp_path)
+    files = eval_report.plot(res, tmp_path)
     assert sorted(f.name for f in files) == ["eval_best_of_n.png", "eval_overoptimization.png", "eval_preference.png"]
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    assert evaluate.plot(res, tmp_path / "none") == []
+    assert eval_report.plot(res, tmp_path / "none") == []
     assert "matplotlib is not installed" in capsys.readouterr().out
 
 

@@ -15,6 +15,7 @@ def test_fork_b_a_rubric_blind_to_coverage(monkeypatch, tmp_path, capsys):
 
     import synth
     from model import GPT, GPTConfig
+    from support import synth_comparisons
 
     records = [synth.synth_record(0, "valid", i) for i in range(200)]
     perfect = [synth.perfect_summary(r) for r in records]
@@ -31,7 +32,7 @@ def test_fork_b_a_rubric_blind_to_coverage(monkeypatch, tmp_path, capsys):
     files = [tmp_path / "synth_train.json", tmp_path / "synth_valid.json"]
     for f in files:
         f.write_text("{}\n")
-    (tmp_path / "synth_collected.json").write_text(json.dumps(synth.collection_key(args, sft_ckpt)))
+    (tmp_path / "synth_collected.json").write_text(json.dumps(synth_comparisons.collection_key(args, sft_ckpt)))
     assert synth.gold_win_rate(records, shorter, perfect) == 0.0  # 0.4 of coverage less: always worse
     assert labelers_prefer_perfect() > 0.9
 
@@ -39,7 +40,7 @@ def test_fork_b_a_rubric_blind_to_coverage(monkeypatch, tmp_path, capsys):
 
     assert synth.gold_win_rate(records, shorter, perfect) == 0.5  # every pair a tie
     assert 0.35 < labelers_prefer_perfect() < 0.65
-    assert synth.stale_comparisons(tmp_path, files, synth.collection_key(args, sft_ckpt))
+    assert synth_comparisons.stale_comparisons(tmp_path, files, synth_comparisons.collection_key(args, sft_ckpt))
     assert "the gold rubric or the simulated labelers changed since" in capsys.readouterr().out
 
 

@@ -19,6 +19,7 @@ import pytest
 
 import data
 import label
+import locations
 import reward
 import synth
 from support.label_server import PAGE, make_server, serve_in_thread
@@ -299,7 +300,7 @@ def test_a_torn_last_line_is_set_aside_and_other_flags_are_refused(tmp_path, cap
                                                    "--out", str(tmp_path / "x.json")]))
 
 
-SAMPLE = ROOT.parent / "shared" / "data" / "openai-sample" / "comparisons"
+SAMPLE = locations.SAMPLE / "comparisons"
 
 
 @pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"real sample files not found at {SAMPLE}")

@@ -193,20 +193,35 @@ def test_scalar_head_init_and_shape():
 
 def test_reward_is_read_at_eos_whatever_the_padding():
     model = tiny_model(head="scalar")
-    query, response = [5, 6, 7], [8, 9, 999]  # 999 plays EOS
+    eos, query, response = 999, [5, 6, 7], [8, 9, 999]
     left = torch.tensor([[1000, 1000] + query + response])
     left_mask = (left != 1000).long()
     right = torch.tensor([query + response + [1000, 1000]])
     right_mask = (right != 1000).long()
     assert last_token_index(left_mask).item() == 7 and last_token_index(right_mask).item() == 5
     with torch.no_grad():
-        r_left, r_right = reward_at_eos(model, left, left_mask), reward_at_eos(model, right, right_mask)
+        r_left, r_right = reward_at_eos(model, left, left_mask, eos), reward_at_eos(model, right, right_mask, eos)
         r_alone = model(torch.tensor([query + response]))[0, -1]
     torch.testing.assert_close(r_left, r_right, atol=1e-5, rtol=0)
     torch.testing.assert_close(r_left[0], r_alone, atol=1e-5, rtol=0)
 
 
 # --- optimizer ---
+
+def test_a_row_without_its_eos_is_an_error_or_gets_the_no_eos_score():
+    """The reward is the whole summary's: a row that ran out of length before its EOS is refused, naming it, or
+    given the no-EOS score (PPO's penalty); the rows that end are read as before."""
+    model = tiny_model(head="scalar")
+    tokens = torch.tensor([[5, 6, 8, 999], [5, 6, 8, 9]])  # row 1 never ended
+    mask = torch.ones_like(tokens)
+    with pytest.raises(ValueError, match=r"rows \[1\] do not end with the EOS token 999"):
+        reward_at_eos(model, tokens, mask, 999)
+    with torch.no_grad():
+        got = reward_at_eos(model, tokens, mask, 999, no_eos_score=-1.0)
+        want = reward_at_eos(model, tokens[:1], mask[:1], 999)
+    assert got[1].item() == -1.0
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
+
 
 def test_weight_decay_only_on_2d_weights():
     model = tiny_model()

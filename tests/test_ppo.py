@@ -1,16 +1,12 @@
 """ppo.py: the RLHF math against hand-computed examples, the models' wiring, and a short synthetic run."""
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_TIKTOKEN = ROOT.parent / "shared" / "tiktoken"
-if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN.is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_TIKTOKEN)
 
 import data  # noqa: E402
 import ppo  # noqa: E402

@@ -16,4 +16,6 @@ def test_the_readme_map_of_the_core_matches_the_code():
     assert readme[start + len("<!-- reading map -->\n"):end] == table, "run python tools/reading_map.py and put its " \
                                                                        "table in README.md"
     total = int(table.rsplit("\n\n", 1)[1].split()[0])
+    whole = int(table.rsplit(" and ", 1)[1].split()[0].replace(",", ""))
     assert total <= 700  # the core reads in one sitting
+    assert whole <= 3000  # and the whole path in an afternoon or so

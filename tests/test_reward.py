@@ -1,7 +1,6 @@
 """reward.py: the preference loss, rewards at EOS, normalization, a short synthetic run, resume, bad input."""
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +9,13 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_TIKTOKEN = ROOT.parent / "shared" / "tiktoken"
-if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN.is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_TIKTOKEN)
 
 import data  # noqa: E402
+import locations  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
 import synth  # noqa: E402
+from support import synth_comparisons  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from support.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
 
@@ -61,7 +59,7 @@ def test_pair_rewards_read_each_response_at_its_eos():
     query = torch.tensor([[pad, pad, 1, 2, 3], [4, 5, 6, 7, 8]])
     r0 = torch.tensor([[9, 10, eos, pad], [11, eos, pad, pad]])
     r1 = torch.tensor([[12, eos, pad, pad], [13, 14, 15, eos]])
-    a, b = reward.pair_rewards(rm, query, r0, r1, pad)
+    a, b = reward.pair_rewards(rm, query, r0, r1, pad, eos)
     with torch.no_grad():
         for i in range(2):
             for resp, got in ((r0, a), (r1, b)):
@@ -100,11 +98,11 @@ def test_short_synthetic_run_fits_its_comparisons_and_normalizes_references(sft_
                                                              for split in ("train", "valid")]),
                                       enc, spec["query_len"], spec["rm_response_len"])
     train_rows, eval_rows, _ = reward.split_rows(arrays, args)
-    r0, r1 = reward.all_rewards(rm, arrays, train_rows, args, data.pad_id(enc), torch.device("cpu"), None)
+    r0, r1 = reward.all_rewards(rm, arrays, train_rows, args, enc, torch.device("cpu"), None)
     loss, _ = reward.preference_loss(*map(torch.from_numpy, (r0, r1, arrays["choice"][train_rows])))
     assert len(train_rows) == 960 and loss.item() < math.log(2) - 0.05, loss
     # and the held-out accuracy it reports is its own on every held-out pair (up to one pair at a rounding tie)
-    r0, r1 = reward.all_rewards(rm, arrays, eval_rows, args, data.pad_id(enc), torch.device("cpu"), None)
+    r0, r1 = reward.all_rewards(rm, arrays, eval_rows, args, enc, torch.device("cpu"), None)
     right = (r1 > r0) == (arrays["choice"][eval_rows] == 1)
     assert len(eval_rows) == overall["n"] and abs(right.mean() - overall["accuracy"]) <= 1 / overall["n"]
 
@@ -138,7 +136,7 @@ def test_wrong_task_and_wrong_tokenizer_are_refused(sft_run, tmp_path):
     run = lambda *a: subprocess.run([sys.executable, str(ROOT / "reward.py"), "--task", "synth", "--data-dir",
                                      str(sft_run / "data"), "--out-dir", str(rm_dir), "--cache-dir",
                                      str(sft_run / "cache"), *a], capture_output=True, text=True, cwd=ROOT)
-    batch18 = ROOT.parent / "shared" / "data" / "openai-sample" / "comparisons" / "batch18.json"
+    batch18 = locations.SAMPLE / "comparisons" / "batch18.json"
     if batch18.exists():
         proc = run("--sft", str(sft_run / "sft" / "sft.pt"), "--comparisons", str(batch18))
         assert "comparisons of Reddit posts, but --task synth" in proc.stderr and "Traceback" not in proc.stderr
@@ -176,18 +174,18 @@ def test_synth_comparisons_from_another_sft_model_are_collected_anew(tmp_path, c
                               seed=0, data_dir="data/synth")
     sft_ckpt = {"model": GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=1, n_embd=8)).state_dict()}
     files = [tmp_path / "synth_train.json", tmp_path / "synth_valid.json"]
-    key = synth.collection_key(args, sft_ckpt)
-    assert synth.stale_comparisons(tmp_path, files, key)  # nothing collected yet
+    key = synth_comparisons.collection_key(args, sft_ckpt)
+    assert synth_comparisons.stale_comparisons(tmp_path, files, key)  # nothing collected yet
     for f in files:
         f.write_text("{}\n")
-    assert synth.stale_comparisons(tmp_path, files, key)  # files of unknown origin
+    assert synth_comparisons.stale_comparisons(tmp_path, files, key)  # files of unknown origin
     assert "no record of the sft.pt they came from" in capsys.readouterr().out
     (tmp_path / "synth_collected.json").write_text(json.dumps(key))
-    assert not synth.stale_comparisons(tmp_path, files, key)  # the same SFT model and settings: reused
+    assert not synth_comparisons.stale_comparisons(tmp_path, files, key)  # the same SFT model and settings: reused
     sft_ckpt["model"]["lm_head.weight"] = sft_ckpt["model"]["lm_head.weight"] + 1e-3  # sft.pt trained again
-    assert synth.stale_comparisons(tmp_path, files, synth.collection_key(args, sft_ckpt))
+    assert synth_comparisons.stale_comparisons(tmp_path, files, synth_comparisons.collection_key(args, sft_ckpt))
     assert "they came from another sft.pt" in capsys.readouterr().out
-    assert synth.stale_comparisons(tmp_path, files, dict(key, temperature=1.0))
+    assert synth_comparisons.stale_comparisons(tmp_path, files, dict(key, temperature=1.0))
     assert "other settings: temperature" in capsys.readouterr().out
 
 
@@ -200,16 +198,16 @@ def test_synth_comparisons_judged_by_another_rubric_or_other_labelers_are_collec
     files = [tmp_path / "synth_train.json", tmp_path / "synth_valid.json"]
     for f in files:
         f.write_text("{}\n")
-    key = synth.collection_key(args, sft_ckpt)
+    key = synth_comparisons.collection_key(args, sft_ckpt)
     (tmp_path / "synth_collected.json").write_text(json.dumps(key))
-    assert not synth.stale_comparisons(tmp_path, files, synth.collection_key(args, sft_ckpt))
+    assert not synth_comparisons.stale_comparisons(tmp_path, files, synth_comparisons.collection_key(args, sft_ckpt))
     monkeypatch.setattr(synth, "FALSE_COST", 0.4)  # the rubric's weights changed (was 0.5)
-    assert synth.stale_comparisons(tmp_path, files, synth.collection_key(args, sft_ckpt))
+    assert synth_comparisons.stale_comparisons(tmp_path, files, synth_comparisons.collection_key(args, sft_ckpt))
     assert "the gold rubric or the simulated labelers changed" in capsys.readouterr().out
     monkeypatch.undo()
     real = synth.Labeler.compare
     monkeypatch.setattr(synth.Labeler, "compare", lambda self, rec, a, b: (real(self, rec, a, b)[0], 5))  # unsure
-    assert synth.stale_comparisons(tmp_path, files, synth.collection_key(args, sft_ckpt))
+    assert synth_comparisons.stale_comparisons(tmp_path, files, synth_comparisons.collection_key(args, sft_ckpt))
 
 
 def test_a_collection_killed_half_way_leaves_no_record_that_vouches_for_its_files(tmp_path, monkeypatch):
@@ -223,7 +221,7 @@ def test_a_collection_killed_half_way_leaves_no_record_that_vouches_for_its_file
     files = [tmp_path / "synth_train.json", tmp_path / "synth_valid.json"]
     for f in files:
         f.write_text("{}\n")
-    key = synth.collection_key(args, sft_ckpt)
+    key = synth_comparisons.collection_key(args, sft_ckpt)
     (tmp_path / "synth_collected.json").write_text(json.dumps(key))
 
     def killed(*a, **k):
@@ -231,11 +229,11 @@ def test_a_collection_killed_half_way_leaves_no_record_that_vouches_for_its_file
         raise KeyboardInterrupt
 
     monkeypatch.setattr(synth, "collect", killed)
-    monkeypatch.setattr(synth, "load_split", lambda *a, **k: [])
+    monkeypatch.setattr(synth_comparisons, "load_split", lambda *a, **k: [])
     with pytest.raises(KeyboardInterrupt):
-        synth.collect_for_reward(args, None, sft_ckpt, files, key, torch.device("cpu"), torch.float32)
+        synth_comparisons.collect_for_reward(args, None, sft_ckpt, files, key, torch.device("cpu"), torch.float32)
     assert not (tmp_path / "synth_collected.json").exists()
-    assert synth.stale_comparisons(tmp_path, files, key)
+    assert synth_comparisons.stale_comparisons(tmp_path, files, key)
 
 
 def test_comparisons_of_another_task_or_another_synthetic_world_are_refused():

@@ -2,20 +2,16 @@
 Face layout (the real GPT-2 weights and the full data cannot be fetched here). It checks the plumbing - GPT-2 BPE,
 512-token queries, the HF loader, comparisons with their quirks, TL;DR and CNN/DM reported apart - not quality."""
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-SAMPLE = SHARED / "data" / "openai-sample"
-if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken").is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken")
+from locations import SAMPLE, TIKTOKEN  # noqa: E402
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not SAMPLE.is_dir() or not (SHARED / "tiktoken").is_dir(),
-                                 reason=f"needs the real sample files in {SAMPLE} and the GPT-2 BPE in {SHARED}")]
+              pytest.mark.skipif(not SAMPLE.is_dir() or not TIKTOKEN.is_dir(),
+                                 reason=f"needs the real sample files in {SAMPLE} and the GPT-2 BPE in {TIKTOKEN}")]
 
 import evaluate  # noqa: E402
 import ppo  # noqa: E402

@@ -5,17 +5,17 @@
 #      transformers' generate side by side (where transformers is installed), and one PPO update at the tldr settings
 #      with and without --compile;
 #   3. three updates of `python ppo.py --task tldr` at the paper's settings (512 episodes, 4 epochs) on random
-#      GPT-2-small weights and ../shared's real sample posts, repeated to fill a rollout batch (a speed check, not a
-#      result).
+#      GPT-2-small weights and real sample posts, repeated to fill a rollout batch (a speed check, not a result).
+#      The GPT-2 BPE and the sample posts are found where the tests find them (tests/locations.py).
 #
 #     bash tools/gpu_check.sh 2>&1 | tee gpu_check.log
 #     PRESET=gpt2-large bash tools/gpu_check.sh      # another size for step 3 (gpt2, gpt2-medium, gpt2-large, gpt2-xl)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SHARED=../shared
-if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d "$SHARED/tiktoken" ]; then
-    export TIKTOKEN_CACHE_DIR="$(cd "$SHARED/tiktoken" && pwd)"
+if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d ../shared/tiktoken ]; then
+    export TIKTOKEN_CACHE_DIR="$(cd ../shared/tiktoken && pwd)"
 fi
+SAMPLE=${TLDR_SAMPLE_DIR:-../shared/data/openai-sample}
 PRESET=${PRESET:-gpt2}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -31,7 +31,7 @@ python tools/bench.py --shapes 124m --cases train sample-cache sample-compile sa
 python tools/bench.py --shapes 124m --cases train ppo --train-batch 16 --train-len 1024 --compile
 
 stamp "3/3 ppo.py --task tldr, 3 updates, $PRESET with random weights"
-posts=$SHARED/data/openai-sample/derived/tldr_3_filtered_format_from_batch18_refs.jsonl
+posts=$SAMPLE/derived/tldr_3_filtered_format_from_batch18_refs.jsonl
 if [ ! -f "$posts" ]; then
     echo "skipped: needs the sample posts $posts"
     exit 0

@@ -3,7 +3,7 @@ The README's reading map: the RLHF core as file:line ranges in reading order, ea
 are found by name (functions and classes), so they follow the code as it moves; tests/test_reading_map.py fails when
 the README's copy of this table is out of date.
 
-    python tools/reading_map.py    # prints the table the README holds
+    python tools/reading_map.py    # prints the table the README holds, and the length of the whole path
 """
 import ast
 from pathlib import Path
@@ -18,8 +18,8 @@ CORE = [
     ("model.py", ["response_logprobs", "reward_at_eos", "last_token_index", "sample_token"], "what PPO's ratio and "
      "KL are made of (log-probs at the sampling temperature), the reward read at the summary's EOS, pure sampling",
      "3.4"),
-    ("data.py", ["as_response"], "the response: \" \" + summary, then EOS", "3.2"),
     ("data.py", ["format_query"], "the query, and its post cut at a newline until it fits", "3.2"),
+    ("data.py", ["_encode_responses"], "the response: \" \" + summary, then the EOS its reward is read at", "3.2"),
     ("sft.py", ["sft_loss"], "the supervised baseline: cross-entropy on the summary tokens", "3.4, Supervised "
      "baselines"),
     ("reward.py", ["pair_rewards", "preference_loss"], "the reward model's loss -log sigmoid(r(preferred) - "
@@ -34,6 +34,10 @@ CORE = [
     ("evaluate.py", ["bon_kl", "length_controlled"], "best-of-N's KL, and preference at equal length", "4, "
      "appendix F"),
 ]
+
+
+# The files a student opens, in reading order (support/ and tools/ are plumbing).
+PATH = ["model.py", "data.py", "sft.py", "reward.py", "ppo.py", "evaluate.py", "synth.py"]
 
 
 def line_range(path, names):
@@ -59,7 +63,8 @@ def table():
         start, end = line_range(ROOT / file, names)
         total += end - start + 1
         rows.append(f"| {i} | `{file}:{start}-{end}` | {what} | {paper} |")
-    return "\n".join(rows) + f"\n\n{total} lines in all.\n"
+    whole = sum(len((ROOT / f).read_text().splitlines()) for f in PATH)
+    return "\n".join(rows) + f"\n\n{total} lines in all, in a reading path of {len(PATH)} files and {whole:,} lines.\n"
 
 
 if __name__ == "__main__":
