@@ -27,6 +27,8 @@ import reward
 import sft
 import synth
 from support.checkpoint import CheckpointError
+from support.cli import pick_device
+from support.machine import matmul_peak
 
 
 def main(argv=None):
@@ -55,13 +57,15 @@ def main(argv=None):
         times.append((name, time.time() - t0))
     minutes = (time.time() - t_start) / 60
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports kilobytes
-    summary(Path(out), args.seed, minutes, peak_gb, times)
+    gflops = matmul_peak(pick_device(args.device)) / 1e9  # so a reader can scale the time to their machine
+    summary(Path(out), args.seed, minutes, peak_gb, times, gflops)
 
 
-def summary(out, seed, minutes, peak_gb, times):
+def summary(out, seed, minutes, peak_gb, times, gflops):
     res = json.loads((out / "eval.json").read_text())
     pct = lambda m: f"{100 * m['mean']:5.1f} +- {100 * m['stderr']:.1f}"  # noqa: E731
-    print(f"\n{'=' * 20} quickstart: seed {seed}, {minutes:.1f} min, peak memory {peak_gb:.2f} GB "
+    print(f"\n{'=' * 20} quickstart: seed {seed}, {minutes:.1f} min on a machine whose fp32 matmul peaks at "
+          f"{gflops:.0f} GFLOP/s, peak memory {peak_gb:.2f} GB "
           f"({', '.join(f'{n.split()[0]} {t / 60:.1f}' for n, t in times[1:])} min)")
     print(f"{res['n']} test posts, summaries at temperature 0, judged by the gold labeler against the reference:")
     print(f"  {'':<12}{'preferred (%)':>16}{'length-controlled':>19}{'tokens':>8}{'KL to SFT':>11}")

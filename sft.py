@@ -4,7 +4,7 @@ Stage 1: supervised fine-tuning on the reference summaries (the paper's "supervi
 The resulting policy samples the first summaries to compare, initializes the PPO policy, the reference policy of the
 KL penalty and the reward model, and is the baseline every result is compared to.
 
-    python sft.py --task synth                  # the synthetic TL;DR: a small GPT from scratch, minutes on a CPU
+    python sft.py --task synth                  # the synthetic TL;DR: a small GPT from scratch (--model synth-m)
     python sft.py --task tldr --model gpt2      # Reddit TL;DR from GPT-2 weights (any size, or a local HF dir)
 
 Writes <out>/sft.pt (the policy), <out>/sft.json (final metrics), <out>/sft.log.jsonl (one line per step) and
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import data
 import synth  # the synthetic task's world: its tokenizer's words, its data (made on first use), the gold rubric
-from model import GPT, GPTConfig, autocast, pick_dtype, sample_responses, trim_padding
+from model import SYNTH_SIZES, GPT, GPTConfig, autocast, pick_dtype, sample_responses, trim_padding
 from support import distributed, hf
 from support.checkpoint import (CheckpointError, check_finite, input_digests, load_checkpoint, load_resume_state,
                                 model_from_checkpoint, save_final, save_resume_state, stop_if_not_finite)
@@ -38,7 +38,7 @@ from support.steplog import StepLog
 DEFAULTS = {
     "tldr": dict(model="gpt2", batch_size=128, micro_batch_size=8, lr=None, warmup=0.0, epochs=1.0, eval_every=100,
                  save_every=200, val_size=1024, sample_n=256),
-    "synth": dict(model="scratch", batch_size=64, micro_batch_size=None, lr=6e-3, warmup=0.05, epochs=2.0,
+    "synth": dict(model="synth-m", batch_size=64, micro_batch_size=None, lr=6e-3, warmup=0.05, epochs=2.0,
                   eval_every=50, save_every=50, val_size=512, sample_n=500),
 }
 
@@ -48,10 +48,13 @@ def parse_args(argv=None):
     add_task_args(p, "sft")
     # model
     p.add_argument("--model", help="tldr: a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face "
-                   "directory, or an sft.pt to continue from; synth: 'scratch' (default) builds a new small GPT")
-    p.add_argument("--n-layer", type=positive_int, default=4, help="layers of a model built from scratch")
-    p.add_argument("--n-head", type=positive_int, default=4, help="attention heads of a model built from scratch")
-    p.add_argument("--n-embd", type=positive_int, default=128, help="width of a model built from scratch")
+                   "directory, or an sft.pt to continue from; synth: a size built from scratch, "
+                   + ", ".join(f"{k} ({v['n_layer']}x{v['n_embd']})" for k, v in SYNTH_SIZES.items())
+                   + " (layers x width; default synth-m), or an sft.pt")
+    p.add_argument("--n-layer", type=positive_int, help="layers of a model built from scratch (default: its size's)")
+    p.add_argument("--n-head", type=positive_int, help="attention heads of a model built from scratch (default: its "
+                   "size's)")
+    p.add_argument("--n-embd", type=positive_int, help="width of a model built from scratch (default: its size's)")
     # optimization
     p.add_argument("--batch-size", type=positive_int,
                    help="examples per optimizer step, over all processes under torchrun "
@@ -90,9 +93,9 @@ def parse_args(argv=None):
 
 def build_model(args, enc, block_size):
     """The starting policy: GPT-2 weights, a previous sft.pt, or (synth) a small GPT from scratch."""
-    if args.model == "scratch":
-        return GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=block_size, n_layer=args.n_layer, n_head=args.n_head,
-                             n_embd=args.n_embd))
+    if args.model in SYNTH_SIZES:
+        shape = {k: getattr(args, k) or v for k, v in SYNTH_SIZES[args.model].items()}  # a flag overrides its size's
+        return GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=block_size, **shape))
     if args.model.endswith(".pt"):
         return model_from_checkpoint(load_checkpoint(args.model, stage="sft", tokenizer=enc.name))
     model = hf.from_pretrained(args.model)

@@ -103,6 +103,7 @@ COVER = dict(rel=0.2, vp=0.4, dur=0.2, q=0.2)
 AXIS_WEIGHTS = dict(coverage=2, accuracy=2, coherence=1, length=1)
 DETAIL_COST, FALSE_COST, INCOHERENCE_COST, BUDGET = 0.1, 0.5, 0.25, 28
 LABELER_NOISE = 0.044  # Bradley-Terry temperature on gold totals; calibrated for ~75% labeler-labeler agreement
+CONFIDENCE_STEPS = (1.0, 2.0, 3.5)  # perceived margins (in units of the noise) above which a labeler is surer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -381,20 +382,24 @@ def gold_win_rate(records, summaries, baselines=None):
 # the simulated labelers
 
 class Labeler:
-    """A simulated labeler: prefers summary 0 with probability sigmoid((gold0 - gold1) / noise) (Bradley-Terry), so
-    clear differences are judged reliably and close calls are nearly coin flips, as with the paper's labelers."""
+    """A simulated labeler. It perceives the difference of the gold totals with noise, gold0 - gold1 + noise * L,
+    where L is a standard logistic draw, and prefers the summary that looks better: summary 0 with probability
+    sigmoid((gold0 - gold1) / noise) (Bradley-Terry), so clear differences are judged reliably and close calls are
+    nearly coin flips, as with the paper's labelers. Its confidence comes from the same perceived margin: unsure about
+    what looks close, which is where its mistakes are, but never told that it erred."""
 
     def __init__(self, worker, noise=LABELER_NOISE, seed=0):
         self.worker, self.noise, self.rng = worker, noise, np.random.default_rng(seed)
 
     def compare(self, record, text0, text1):
         """-> (choice, confidence): confidence on the released data's 9-point scale, 1-4 = summary 0 preferred
-        (1 surest), 6-9 = summary 1 (9 surest); 5 is never used. A choice against the odds comes with low confidence."""
+        (1 surest), 6-9 = summary 1 (9 surest); 5 is never used. Sureness 1-4 grows with the perceived margin in
+        units of the labeler's noise (CONFIDENCE_STEPS)."""
         diff = gold_score(record, text0)["total"] - gold_score(record, text1)["total"]
-        p0 = 1 / (1 + math.exp(-diff / self.noise))
-        choice = int(self.rng.random() >= p0)
-        sure = 2 * (p0 if choice == 0 else 1 - p0) - 1
-        strength = int(np.clip(round(1 + 3 * sure + self.rng.normal(0, 0.6)), 1, 4))
+        u = self.rng.random()
+        perceived = diff + self.noise * (math.log((1 - u) / u) if u > 0 else math.inf)  # logistic, by inversion
+        choice = int(perceived < 0)
+        strength = 1 + sum(abs(perceived) > step * self.noise for step in CONFIDENCE_STEPS)
         return choice, 5 - strength if choice == 0 else 5 + strength
 
 

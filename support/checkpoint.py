@@ -102,7 +102,7 @@ def load_checkpoint(path, stage=None, task=None, tokenizer=None, map_location="c
 
 def input_digests(inputs):
     """{what: SHA-256} of the files a run reads, from {what: path} (what: a flag, or "train data"). A folder digests
-    its files and their names; a value that names no file (a GPT-2 preset such as "gpt2", "scratch") stands for
+    its files and their names; a value that names no file (a GPT-2 preset such as "gpt2", "synth-m") stands for
     itself. A resume compares these, so a run cannot continue on other inputs than it started with."""
     digests = {}
     for what, path in inputs.items():

@@ -122,6 +122,26 @@ def test_labeler_agreement_in_paper_range(world):
     assert all((c < 5) == (choice == 0) and 1 <= c <= 9 and c != 5 for choice, c in choices)
 
 
+def test_labelers_are_unsure_about_close_calls_not_about_their_mistakes():
+    """Confidence comes from the perceived margin, the same noisy perception that makes the choice: on a few thousand
+    typical pairs that gold tells apart, the labelers agree with gold more often the surer they say they are, and at
+    least half of the time at every level (a labeler that knew its mistakes would be below half where unsure)."""
+    labelers, rng = synth.make_labelers(10, seed=0), random.Random(0)
+    agree = {strength: [] for strength in (1, 2, 3, 4)}
+    for i in range(5000):
+        record = synth.synth_record(0, "valid", i % 1000)
+        a = synth.sample_reference(record, rng)
+        b = synth.sample_reference(record, rng) if i % 2 else synth.perturb_summary(
+            record, rng.choice(synth.PERTURBATIONS), rng)
+        diff = synth.gold_score(record, a)["total"] - synth.gold_score(record, b)["total"]
+        if abs(diff) > 1e-9:
+            choice, confidence = labelers[i % 10].compare(record, a, b)
+            agree[abs(confidence - 5)].append((choice == 0) == (diff > 0))
+    rates = [np.mean(agree[s]) for s in (1, 2, 3, 4) if len(agree[s]) >= 100]
+    assert len(rates) >= 3 and all(r >= 0.5 for r in rates)
+    assert all(lo < hi for lo, hi in zip(rates, rates[1:]))  # about 61, 83, 94, 99% on these pairs
+
+
 def test_collect_comparisons_writes_original_format(tmp_path, world):
     records = world[:40]
     candidates = [[("sup_t0", synth.perfect_summary(r)), ("bad", synth.perturb_summary(r, "swap_roles"))]

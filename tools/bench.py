@@ -39,6 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import GPT, PRESETS, GPTConfig, autocast, pick_dtype  # noqa: E402
 from support.cli import pick_device  # noqa: E402
+from support.machine import matmul_peak  # noqa: E402
 from support.optim import configure_optimizers  # noqa: E402
 
 SHAPES = {"tiny": dict(n_layer=4, n_head=4, n_embd=128), "124m": PRESETS["gpt2"], "355m": PRESETS["gpt2-medium"],
@@ -55,20 +56,6 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def matmul_peak(device, dtype):
-    """Best FLOP/s of a square matmul: the yardstick for the training step."""
-    n = 4096
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def train_batch(args):
