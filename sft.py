@@ -82,9 +82,12 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=positive_int, help="steps between resumable checkpoints (<out>/sft.resume.pt)")
     add_run_args(p, "sft")
     args = p.parse_args(argv)
-    if args.n_embd % args.n_head:  # the model's attention splits the width into equal heads
-        p.error(f"--n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
     fill_task_defaults(args, DEFAULTS)
+    if args.model in SYNTH_SIZES:
+        shape = {k: getattr(args, k) or v for k, v in SYNTH_SIZES[args.model].items()}  # a flag overrides its size's
+        if shape["n_embd"] % shape["n_head"]:  # the model's attention splits the width into equal heads
+            p.error(f"--n-embd {shape['n_embd']} is not a multiple of --n-head {shape['n_head']}")
+        vars(args).update(shape)
     # synth: each process's share of the batch in one pass
     args.micro_batch_size = args.micro_batch_size or max(1, args.batch_size // distributed.world_size())
     distributed.check_batch(p, "batch-size", args.batch_size, "micro-batch-size", args.micro_batch_size)
@@ -93,9 +96,9 @@ def parse_args(argv=None):
 
 def build_model(args, enc, block_size):
     """The starting policy: GPT-2 weights, a previous sft.pt, or (synth) a small GPT from scratch."""
-    if args.model in SYNTH_SIZES:
-        shape = {k: getattr(args, k) or v for k, v in SYNTH_SIZES[args.model].items()}  # a flag overrides its size's
-        return GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=block_size, **shape))
+    if args.model in SYNTH_SIZES:  # its shape is in args.n_layer, n_head and n_embd (parse_args)
+        return GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=block_size, n_layer=args.n_layer, n_head=args.n_head,
+                             n_embd=args.n_embd))
     if args.model.endswith(".pt"):
         return model_from_checkpoint(load_checkpoint(args.model, stage="sft", tokenizer=enc.name))
     model = hf.from_pretrained(args.model)

@@ -13,8 +13,7 @@ def test_the_readme_map_of_the_core_matches_the_code():
     readme = (ROOT / "README.md").read_text()
     start, end = readme.index("<!-- reading map -->\n"), readme.index("<!-- /reading map -->")
     table = reading_map.table()
-    assert readme[start + len("<!-- reading map -->\n"):end] == table, "run python tools/reading_map.py and put its " \
-                                                                       "table in README.md"
+    assert readme[start + len("<!-- reading map -->\n"):end] == table, "run python tools/reading_map.py --write"
     total = int(table.rsplit("\n\n", 1)[1].split()[0])
     whole = int(table.rsplit(" and ", 1)[1].split()[0].replace(",", ""))
     assert total <= 700  # the core reads in one sitting

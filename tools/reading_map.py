@@ -3,9 +3,11 @@ The README's reading map: the RLHF core as file:line ranges in reading order, ea
 are found by name (functions and classes), so they follow the code as it moves; tests/test_reading_map.py fails when
 the README's copy of this table is out of date.
 
-    python tools/reading_map.py    # prints the table the README holds, and the length of the whole path
+    python tools/reading_map.py            # prints the table the README holds, and the length of the whole path
+    python tools/reading_map.py --write    # puts it in README.md, between its reading-map markers
 """
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,5 +69,17 @@ def table():
     return "\n".join(rows) + f"\n\n{total} lines in all, in a reading path of {len(PATH)} files and {whole:,} lines.\n"
 
 
+def write_readme():
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = text.index(START) + len(START), text.index(END)
+    readme.write_text(text[:start] + table() + text[end:])
+
+
+START, END = "<!-- reading map -->\n", "<!-- /reading map -->"
+
 if __name__ == "__main__":
-    print(table(), end="")
+    if sys.argv[1:] == ["--write"]:
+        write_readme()
+    else:
+        print(table(), end="")
