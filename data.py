@@ -39,7 +39,7 @@ from support.tokenizers import PAT_ASCII, SYNTH_TOKENIZER, get_tokenizer  # noqa
 TASKS = {
     "tldr": dict(tokenizer="gpt2", query_len=512, response_len=48, rm_response_len=128, data_dir="data/tldr",
                  files=dict(train="train.jsonl", valid="valid.jsonl", test="test.jsonl", transfer="cnndm_test.jsonl")),
-    "synth": dict(tokenizer=SYNTH_TOKENIZER, query_len=96, response_len=32, rm_response_len=48, data_dir="data/synth",
+    "synth": dict(tokenizer=SYNTH_TOKENIZER, query_len=104, response_len=32, rm_response_len=48, data_dir="data/synth",
                   files=dict(train="train.jsonl", valid="valid.jsonl", test="test.jsonl", transfer="transfer.jsonl")),
 }
 # Query templates of OpenAI's released code (summarize-from-feedback). `cnndm` is `tldr_zero_shot_cnndm_task`: a

@@ -3,33 +3,37 @@ loop runs on a laptop CPU, with a ground truth that the real task lacks.
 
     python synth.py --seed 0            # train/valid/test/transfer posts -> data/synth/, prints labeler agreement
 
-The world. Each post asks for advice about one person (a boyfriend, a mom, a roommate) who does something to the
-poster ("keeps reading my texts"); it says how long they have known each other ("7 months"), asks a question ("am I
-overreacting?") and mentions two irrelevant details ("we have two cats"). A record is a pure function of its id
-"{WORLD}_{seed}_{split}_{index}", so the hidden facts are regenerated from the record alone. Records are written in
-the tldr_3_filtered format and read by data.py's readers: every stage has one code path for both tasks. The transfer
-split has a subreddit, people and problems never seen in training, and two new questions (the analogue of the
-paper's CNN/DM transfer, Section 4.2). All text is ASCII without apostrophes, and data.py's synth tokenizer has one
-token for each word the world can write (`world_words`).
+The world. Each post asks for advice about one person (a boyfriend, a mom, a roommate), named ("Jake"), who does
+something to the poster ("keeps reading my texts"); it says how long they have known each other ("7 months"), what
+the poster has tried ("I already asked him to stop"), asks a question ("am I overreacting?") and mentions two
+irrelevant details ("we have two cats"). A record is a pure function of its id "{WORLD}_{seed}_{split}_{index}", so
+the hidden facts are regenerated from the record alone. Records are written in the tldr_3_filtered format and read by
+data.py's readers: every stage has one code path for both tasks. The transfer split has a subreddit, people and
+problems never seen in training, and two new questions (the analogue of the paper's CNN/DM transfer, Section 4.2).
+All text is ASCII without apostrophes, and data.py's synth tokenizer has one token for each word the world can write
+(`world_words`).
 
 The poster. The reference TL;DR is written by a simulated poster with human habits (POSTER): it often leaves out the
-duration or the question, sometimes adds an irrelevant detail, now and then states something false. References are
-beatable, as the paper's are (Section 4.1), and a supervised policy that imitates them inherits their omissions: the
-room left for RL.
+name, the duration, what was tried or the question, sometimes adds an irrelevant detail, now and then states
+something false. References are beatable, as the paper's are (Section 4.1), and a supervised policy that imitates
+them inherits their omissions: the room left for RL.
 
 The gold labeler. `gold_score` is a documented rubric on the paper's axes (coverage, accuracy, coherence) plus a
 length budget. A concise summary of the key facts scores 1; stuffing, repeating, copying the post or junk score
-less, so over-optimizing a learned reward model (the paper's Section 4.3) shows up as a falling gold score.
+less, so over-optimizing a learned reward model (the paper's Section 4.3) shows up as a falling gold score. Four of
+the six key facts (the name, the duration, what was tried, the question) must be copied from the post exactly, and a
+wrong one is a false statement: the headroom in which bigger models and better methods can be seen to help.
 
 The labelers. Each `Labeler` prefers a summary with Bradley-Terry noise on the gold totals, calibrated so that two
 labelers agree about 75% of the time (the paper: 73-77%, Section 3.3), and reports the released data's 9-point
-confidence. `data.collect_comparisons` asks them about pairs of summaries and writes the original comparison format.
+confidence, from the margin it perceives. `data.collect_comparisons` asks them about pairs of summaries and writes the original comparison format.
 reward.py's comparisons are SFT samples judged by them (`collect`), collected anew whenever the SFT model, the
 collection flags, the rubric or the labelers change (support/synth_comparisons.py).
 """
 import argparse
 import functools
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -51,7 +55,7 @@ from support.files import atomic_write
 # the world's tables. Everything is ASCII and free of apostrophes, so each word is one token. Editing them changes
 # the world: bump WORLD (and data.SYNTH_TOKENIZER if the set of words changes).
 
-WORLD = "synth1"
+WORLD = "synth2"
 
 SUBREDDITS = {"relationships": ["boyfriend", "girlfriend", "husband", "wife"],
               "dating_advice": ["boyfriend", "girlfriend"],
@@ -76,6 +80,13 @@ TRANSFER_PROBLEMS = [
     ("takes credit for my work", "take credit for {his} work"), ("reads my emails", "read {his} emails"),
     ("gives me all the late shifts", "give {him} all the late shifts"),
     ("yells at me in meetings", "yell at {him} in meetings")]
+# The other person's name, which a summary must copy exactly (a wrong name is a false statement), and what the poster
+# has tried so far, one of a closed set of acts.
+NAMES = dict(M=["Jake", "Mike", "Tom", "Ben", "Ryan", "Matt", "Nick", "Dan", "Luke", "Adam", "Josh", "Kyle"],
+             F=["Emma", "Anna", "Kate", "Lisa", "Amy", "Sara", "Mia", "Zoe", "Jess", "Beth", "Lucy", "Rose"])
+TRIED = ["asked {him} to stop", "talked to {him} about it", "told {his} family", "tried to ignore it",
+         "wrote {him} a letter", "asked a friend for advice"]
+TRIED_LINES = ["I already {tried}.", "So far I {tried}.", "I {tried} but nothing changed."]
 QUESTIONS = ["what should I do", "how do I get {him} to stop", "am I overreacting", "should I confront {him}",
              "how do I talk to {him} about it", "is this normal"]
 TRANSFER_QUESTIONS = ["should I quit", "should I talk to HR"]
@@ -83,25 +94,27 @@ DETAILS = ["I work at a bakery", "I just started college", "we have two cats", "
            "we live in a small town", "I am saving for a car", "my favorite food is pizza", "I go to the gym a lot",
            "we met at a concert", "it snowed a lot this winter", "I have a dog named Max", "I love hiking"]
 UNITS = ["weeks", "months", "years"]
-INTROS = ["I ({a1} {g1}) have known my {rel} ({a2} {g2}) for {dur}.",
-          "My {rel} ({a2} {g2}) and I ({a1} {g1}) have been close for {dur}."]
+INTROS = ["I ({a1} {g1}) have known my {rel} {name} ({a2} {g2}) for {dur}.",
+          "My {rel} {name} ({a2} {g2}) and I ({a1} {g1}) have been close for {dur}."]
 PROBLEM_LINES = ["Lately {he} {vp}.", "The problem is that {he} {vp}.", "Recently {he} {vp}."]
 FEELINGS = ["It really hurts.", "I feel awful about it.", "It is driving me crazy.", "I feel lost."]
 TITLES = ["Need advice about my {rel}", "My {rel} {vp}", "{Q}?", "Not sure what to do"]
 # How the simulated poster writes a TL;DR. The main sentence comes in a short and a long form, with or without the
-# duration; {act} is "{he} {vp}" or, with roles swapped, "I {swap}". "bare" leaves out who the other person is.
+# duration; {rel} is the relation, with the name after it or not; {act} is "{he} {vp}" or, with roles swapped,
+# "I {swap}". "bare" leaves out who the other person is. What was tried follows as "I {tried}.", then the question.
 MAIN_FORMS = {("short", True): "My {rel} of {dur} {vp}.", ("short", False): "My {rel} {vp}.",
               ("long", True): "I have known my {rel} for {dur} and {act}.",
               ("long", False): "Me and my {rel} are close but {act}.", ("bare", False): "{Act}."}
-# The poster's habits (probabilities). Most references leave out the duration or the question, some add an
-# irrelevant detail, a few state something false: beatable, like the paper's references, and a supervised policy
-# that imitates them at temperature 0 inherits the omissions, which is the room left for RL (Section 4.1).
-POSTER = dict(duration=0.3, question=0.3, bare=0.12, long=0.3, detail=0.35, wrong=0.15)
+# The poster's habits (probabilities). Most references leave out the name, the duration, what was tried or the
+# question, some add an irrelevant detail, a few state something false: beatable, like the paper's references, and a
+# supervised policy that imitates them at temperature 0 inherits the omissions, which is the room left for RL
+# (Section 4.1). Four facts to copy, each from the post, leave room for bigger models too.
+POSTER = dict(name=0.3, duration=0.3, tried=0.3, question=0.3, bare=0.12, long=0.3, detail=0.35, wrong=0.15)
 # Gold rubric (see gold_score). Coverage weights sum to 1; BUDGET is the synthetic analogue of the 48-token limit.
 # AXIS_WEIGHTS weigh the axes in the total: what is said counts twice as much as how it reads.
-COVER = dict(rel=0.2, vp=0.4, dur=0.2, q=0.2)
+COVER = dict(rel=0.15, name=0.1, vp=0.3, dur=0.15, tried=0.15, q=0.15)
 AXIS_WEIGHTS = dict(coverage=2, accuracy=2, coherence=1, length=1)
-DETAIL_COST, FALSE_COST, INCOHERENCE_COST, BUDGET = 0.1, 0.5, 0.25, 28
+DETAIL_COST, FALSE_COST, INCOHERENCE_COST, BUDGET = 0.1, 0.5, 0.25, 36
 LABELER_NOISE = 0.044  # Bradley-Terry temperature on gold totals; calibrated for ~75% labeler-labeler agreement
 CONFIDENCE_STEPS = (1.0, 2.0, 3.5)  # perceived margins (in units of the noise) above which a labeler is surer
 
@@ -127,6 +140,7 @@ def world_words():
     texts = list(SUBREDDITS) + list(TRANSFER_SUBREDDITS) + sum(SUBREDDITS.values(), [])
     texts += sum(TRANSFER_SUBREDDITS.values(), []) + sum(map(list, PROBLEMS + PARTNER_PROBLEMS + TRANSFER_PROBLEMS), [])
     texts += QUESTIONS + TRANSFER_QUESTIONS + DETAILS + UNITS + INTROS + PROBLEM_LINES + FEELINGS + TITLES
+    texts += sum(NAMES.values(), []) + TRIED + TRIED_LINES
     texts += list(MAIN_FORMS.values()) + [TEMPLATES["tldr"][0], "I he she him his her M F ? . \n"]
     texts += [str(n) for n in range(100)]
     words = {w for t in texts for w in _words(re.sub(r"\{\w+\}", " ", t))}
@@ -151,11 +165,15 @@ def _synth_world(record_id):
     pool = TRANSFER_PROBLEMS if transfer else PROBLEMS + (PARTNER_PROBLEMS if rel in PARTNERS else [])
     vp, swap = rng.choice(pool)
     q = rng.choice(QUESTIONS + (TRANSFER_QUESTIONS if transfer else []))
-    f = dict(rel=rel, he=p["he"], vp=vp, swap="I " + swap.format(**p), dur=f"{rng.randint(2, 11)} {rng.choice(UNITS)}",
-             q_id=q, q=q.format(**p), details=rng.sample(DETAILS, 2))
-    slots = dict(a1=a1, g1=g1, a2=a2, g2=g2, rel=rel, dur=f["dur"], he=p["he"], vp=vp, Q=_cap(f["q"]))
+    tried = rng.choice(TRIED)
+    f = dict(rel=rel, name=rng.choice(NAMES[g2]), he=p["he"], vp=vp, swap="I " + swap.format(**p),
+             dur=f"{rng.randint(2, 11)} {rng.choice(UNITS)}", tried_id=tried, tried=tried.format(**p), q_id=q,
+             q=q.format(**p), details=rng.sample(DETAILS, 2))
+    slots = dict(a1=a1, g1=g1, a2=a2, g2=g2, rel=rel, name=f["name"], dur=f["dur"], he=p["he"], vp=vp,
+                 Q=_cap(f["q"]), tried=f["tried"])
     first = rng.choice(INTROS).format(**slots) + " " + _cap(f["details"][0]) + "."
-    second = [rng.choice(PROBLEM_LINES).format(**slots), _cap(f["details"][1]) + "."]
+    second = [rng.choice(PROBLEM_LINES).format(**slots), rng.choice(TRIED_LINES).format(**slots),
+              _cap(f["details"][1]) + "."]
     second += [rng.choice(FEELINGS)] if rng.random() < 0.6 else []
     paragraphs = [first, " ".join(second), _cap(f["q"]) + "?"]
     post = "\n\n".join(paragraphs) if rng.random() < 0.7 else " ".join(paragraphs)
@@ -213,9 +231,10 @@ register_synthetic_world(WORLD, world_words, check_post)  # data.py's synth toke
 
 def _poster_plan(f, rng):
     """What the simulated poster puts in a TL;DR (see POSTER)."""
-    plan = dict(dur=rng.random() < POSTER["duration"], q=rng.random() < POSTER["question"], details=[],
-                swap=False, wrong_dur=None)
-    plan["form"] = "bare" if not plan["dur"] and rng.random() < POSTER["bare"] else (
+    plan = dict(name=rng.random() < POSTER["name"], dur=rng.random() < POSTER["duration"],
+                tried=rng.random() < POSTER["tried"], q=rng.random() < POSTER["question"], details=[], swap=False,
+                wrong_dur=None, wrong_name=None)
+    plan["form"] = "bare" if not plan["dur"] and not plan["name"] and rng.random() < POSTER["bare"] else (
         "long" if rng.random() < POSTER["long"] else "short")
     if rng.random() < POSTER["detail"]:
         plan["details"].append(rng.choice(f["details"]))
@@ -225,11 +244,15 @@ def _poster_plan(f, rng):
 
 
 def _add_false_fact(f, plan, rng):
-    kind = rng.choice(["dur", "swap", "detail"])
+    kind = rng.choice(["dur", "name", "swap", "detail"])
     if kind == "dur":  # a misremembered number, often the kind of slip a small model makes too
         n, unit = f["dur"].split()
         plan.update(dur=True, form="short" if plan["form"] == "bare" else plan["form"],
                     wrong_dur=f"{int(n) + rng.choice([-1, 1, 2])} {unit}")
+    elif kind == "name":  # another name of the same gender, as a copying slip would give
+        same_gender = next(names for names in NAMES.values() if f["name"] in names)
+        plan.update(name=True, form="short" if plan["form"] == "bare" else plan["form"],
+                    wrong_name=rng.choice([n for n in same_gender if n != f["name"]]))
     elif kind == "swap":
         plan.update(swap=True, form="long")
     else:
@@ -239,9 +262,15 @@ def _add_false_fact(f, plan, rng):
 def _render(f, plan):
     act = f["swap"] if plan["swap"] else f"{f['he']} {f['vp']}"
     main = MAIN_FORMS[(plan["form"], plan["dur"] and plan["form"] != "bare")]
-    text = main.format(rel=f["rel"], dur=plan["wrong_dur"] or f["dur"], vp=f["vp"], act=act, Act=_cap(act))
+    rel = f"{f['rel']} {plan['wrong_name'] or f['name']}" if plan["name"] else f["rel"]
+    text = main.format(rel=rel, dur=plan["wrong_dur"] or f["dur"], vp=f["vp"], act=act, Act=_cap(act))
+    text += f" I {f['tried']}." if plan["tried"] else ""
     text += "".join(f" {_cap(d)}." for d in plan["details"])
     return text + (f" {_cap(f['q'])}?" if plan["q"] else "")
+
+
+FULL_PLAN = dict(form="short", name=True, dur=True, tried=True, q=True, details=[], swap=False, wrong_dur=None,
+                 wrong_name=None)
 
 
 def sample_reference(record, rng):
@@ -252,7 +281,7 @@ def sample_reference(record, rng):
 
 def perfect_summary(record):
     """Every key fact, nothing else, in the short form: what the gold labeler likes best."""
-    return _render(_facts(record), dict(form="short", dur=True, q=True, details=[], swap=False, wrong_dur=None))
+    return _render(_facts(record), FULL_PLAN)
 
 
 PERTURBATIONS = ("drop_fact", "add_false_fact", "wrong_number", "swap_roles", "add_detail", "shorter", "longer")
@@ -266,9 +295,10 @@ def perturb_summary(record, kind, rng=None):
     in the long form: the gold labeler is indifferent, a length-biased model is not)."""
     rng = rng or random.Random(0)
     f = _facts(record)
-    plan = dict(form="short", dur=True, q=True, details=[], swap=False, wrong_dur=None)
+    plan = dict(FULL_PLAN)
     if kind == "drop_fact":
-        plan.update(rng.choice([dict(dur=False), dict(q=False), dict(form="bare", dur=False)]))
+        plan.update(rng.choice([dict(name=False), dict(dur=False), dict(tried=False), dict(q=False),
+                                dict(form="bare", name=False, dur=False)]))
     elif kind == "add_false_fact":
         _add_false_fact(f, plan, rng)
     elif kind == "wrong_number":
@@ -279,7 +309,7 @@ def perturb_summary(record, kind, rng=None):
     elif kind == "add_detail":
         plan["details"] = [rng.choice(f["details"])]
     elif kind == "shorter":
-        plan.update(dur=False, q=False)
+        plan.update(name=False, dur=False, tried=False, q=False)
     elif kind == "longer":
         plan["form"] = "long"
     else:
@@ -309,10 +339,15 @@ def _lexicon():
             lex[_key(q.format(**p))] = ("q", q)
     for d in DETAILS:
         lex[_key(d)] = ("detail", d)
-    sentences = [["DETAIL", "."], ["Q", "?"]]
+    for name in sum(NAMES.values(), []):
+        lex[_key(name)] = ("name", name)
+    for tried in TRIED:
+        for p in PRONOUNS.values():
+            lex[_key("I " + tried.format(**p))] = ("tried", tried)
+    sentences = [["DETAIL", "."], ["Q", "?"], ["TRIED", "."]]
     for form in MAIN_FORMS.values():
-        for act in ("he {vp}", "{swap}"):
-            s = form.replace("{Act}", "{act}").replace("{act}", act).lower()
+        for act, rel in itertools.product(("he {vp}", "{swap}"), ("{rel}", "{rel} {name}")):
+            s = form.replace("{Act}", "{act}").replace("{act}", act).replace("{rel}", rel).lower()
             sentences.append(_words(re.sub(r"\{(\w+)\}", lambda m: m.group(1).upper(), s)))
     literals = {w for s in sentences for w in s if not w.isupper()} | {"she"}
     lex.update({(w,): ("lit", w) for w in literals if (w,) not in lex})
@@ -338,10 +373,11 @@ def _parse(text):
 
 def gold_score(record, summary):
     """The synthetic task's ground truth: a documented rubric on the paper's axes (Section 4.1), each in [0, 1].
-      coverage  = 0.2 who (the relation) + 0.4 the problem + 0.2 how long + 0.2 the question asked,
-                  minus 0.1 for each irrelevant detail of the post (it spends the reader's attention)
-      accuracy  = 1 - 0.5 per distinct false statement (wrong person, number, problem, question, a detail not in the
-                  post, or the roles swapped)
+      coverage  = 0.15 who (the relation) + 0.1 their name + 0.3 the problem + 0.15 how long + 0.15 what was
+                  tried + 0.15 the question asked (COVER), minus 0.1 for each irrelevant detail of the post (it spends
+                  the reader's attention)
+      accuracy  = 1 - 0.5 per distinct false statement (wrong person, name, number, problem, attempt, question, a
+                  detail not in the post, or the roles swapped)
       coherence = 1 - 0.25 per word pair that no well-formed summary contains (junk words, broken or unfinished
                   sentences) - 0.25 per repeated fact; 0 when nothing is stated
       length    = 1 - (words over BUDGET) / BUDGET, at least 0
@@ -350,7 +386,7 @@ def gold_score(record, summary):
     f = _facts(record)
     units = _parse(summary)
     claims = Counter(u for u in units if u[0] not in ("lit", "junk"))
-    truth = dict(rel=f["rel"], vp=f["vp"], dur=f["dur"], q=f["q_id"])
+    truth = dict(rel=f["rel"], name=f["name"], vp=f["vp"], dur=f["dur"], tried=f["tried_id"], q=f["q_id"])
     coverage = sum(w for kind, w in COVER.items() if (kind, truth[kind]) in claims)
     coverage -= DETAIL_COST * sum(1 for kind, v in claims if kind == "detail" and v in f["details"])
     false = sum(1 for kind, v in claims if kind == "swap" or (kind == "detail" and v not in f["details"])

@@ -279,7 +279,7 @@ def test_a_torn_last_line_is_set_aside_and_other_flags_are_refused(tmp_path, cap
     labels = label.Labels(out, label.load_or_make_pairs(args), "labels", 0)
     labels.judge(dict(worker="ann", pair=labels.state("ann")["pair"]["key"], confidence=2))
     good = out.read_bytes()
-    out.write_bytes(good + b'{"info": {"id": "synth1_0_val')  # a power cut in the middle of an append
+    out.write_bytes(good + b'{"info": {"id": "synth2_0_val')  # a power cut in the middle of an append
     labels = label.Labels(out, labels.pairs, "labels", 0, serving=True)
     assert out.read_bytes() == good and labels.state("ann")["done"] == 1
     assert (tmp_path / "labels.json.torn").read_bytes().startswith(b'{"info"')

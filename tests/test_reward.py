@@ -143,7 +143,7 @@ def test_wrong_task_and_wrong_tokenizer_are_refused(sft_run, tmp_path):
     other = GPT(GPTConfig(vocab_size=50257, block_size=128, n_layer=1, n_head=2, n_embd=16))
     save_checkpoint(tmp_path / "sft.pt", other, stage="sft", task="tldr", tokenizer="gpt2")
     proc = run("--sft", str(tmp_path / "sft.pt"))
-    assert "sft.pt: a sft checkpoint of task tldr with tokenizer gpt2, but --task synth uses synth-words-v1" in (
+    assert "sft.pt: a sft checkpoint of task tldr with tokenizer gpt2, but --task synth uses synth-words-v2" in (
         proc.stderr)
     proc = run("--sft", str(sft_run / "sft" / "sft.json"))
     assert "not a readable checkpoint" in proc.stderr and "Traceback" not in proc.stderr

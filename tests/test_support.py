@@ -120,9 +120,9 @@ def test_pickled_code_is_refused(tmp_path, capsys):
 
 
 def test_checkpoint_of_another_task_or_tokenizer_is_refused_by_name(tmp_path):
-    save_checkpoint(tmp_path / "sft.pt", tiny_model(), stage="sft", task="synth", tokenizer="synth-words-v1")
-    assert load_checkpoint(tmp_path / "sft.pt", stage="sft", task="synth", tokenizer="synth-words-v1")["step"] == 0
-    with pytest.raises(CheckpointError, match="sft.pt: a sft checkpoint of task synth with tokenizer synth-words-v1, "
+    save_checkpoint(tmp_path / "sft.pt", tiny_model(), stage="sft", task="synth", tokenizer="synth-words-v2")
+    assert load_checkpoint(tmp_path / "sft.pt", stage="sft", task="synth", tokenizer="synth-words-v2")["step"] == 0
+    with pytest.raises(CheckpointError, match="sft.pt: a sft checkpoint of task synth with tokenizer synth-words-v2, "
                                               "but --task tldr uses gpt2"):
         load_checkpoint(tmp_path / "sft.pt", stage="sft", task="tldr", tokenizer="gpt2")
     with pytest.raises(CheckpointError, match="but --task synth uses gpt2"):

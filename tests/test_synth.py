@@ -58,15 +58,15 @@ def test_synth_world_and_tokenizer_are_pinned(enc):
     # the same records and tokens on every machine and run; if the world's tables change on purpose, bump
     # synth.WORLD (and data.SYNTH_TOKENIZER when its words change) and these numbers together
     records = json.dumps([synth.synth_record(0, split, i) for split in ("train", "transfer") for i in range(20)])
-    assert hashlib.sha256(records.encode()).hexdigest()[:16] == "108e74c49da39082"
-    assert enc.n_vocab == 1101
-    assert enc.encode_ordinary(" How do I get him to stop?") == [588, 851, 593, 884, 908, 1073, 1049, 63]
+    assert hashlib.sha256(records.encode()).hexdigest()[:16] == "0b258b22d8476ba7"
+    assert enc.n_vocab == 1241
+    assert enc.encode_ordinary(" How do I get him to stop?") == [612, 939, 617, 978, 1002, 1205, 1179, 63]
 
 
 def test_synth_lengths(enc, world):
     queries = [len(enc.encode_ordinary(data.format_query(r, enc, 10**9))) for r in world]
     summaries = [len(enc.encode_ordinary(" " + r["summary"])) for r in world]
-    assert 40 <= np.mean(queries) <= 80 and max(queries) <= data.TASKS["synth"]["query_len"]
+    assert 60 <= np.mean(queries) <= 95 and max(queries) <= data.TASKS["synth"]["query_len"]
     assert 8 <= np.mean(summaries) <= 25
 
 
@@ -91,8 +91,8 @@ def test_gold_rewards_a_concise_complete_summary(world):
         for kind in ("drop_fact", "add_false_fact", "wrong_number", "swap_roles", "add_detail", "shorter"):
             assert synth.gold_score(rec, synth.perturb_summary(rec, kind))["total"] < best["total"], kind
         assert synth.gold_score(rec, synth.perturb_summary(rec, "longer"))["total"] == best["total"]
-        main, question = perfect.split(". ")
-        echo = synth.gold_score(rec, f"{main}. {main}. {question}")  # within the length budget: only repetition
+        main, rest = perfect.split(". ", 1)
+        echo = synth.gold_score(rec, f"{main}. {main}. {rest}")  # the first sentence said twice
         assert echo["coherence"] < 1 and echo["total"] < best["total"] - 0.05
         swapped = synth.gold_score(rec, synth.perturb_summary(rec, "swap_roles"))
         assert swapped["accuracy"] < 1 and swapped["coherence"] == 1
@@ -100,8 +100,8 @@ def test_gold_rewards_a_concise_complete_summary(world):
 
 def test_references_are_beatable(world):
     assert synth.gold_win_rate(world, [synth.perfect_summary(r) for r in world]) > 0.9
-    # a policy that copies the poster's most common habits (who and what only) still wins often
-    assert 0.35 < synth.gold_win_rate(world, [synth.perturb_summary(r, "shorter") for r in world]) < 0.55
+    # a policy that copies the poster's most common habits (who and what only) still wins now and then
+    assert 0.2 < synth.gold_win_rate(world, [synth.perturb_summary(r, "shorter") for r in world]) < 0.45
     scores = [synth.gold_score(r, r["summary"]) for r in world]
     assert 0.5 < np.mean([s["coverage"] for s in scores]) < 0.85 and np.mean([s["accuracy"] for s in scores]) < 1
     assert all(s["coherence"] == 1 for s in scores)  # flawed in content, never in form
@@ -188,15 +188,15 @@ def test_a_post_edited_by_hand_is_refused_when_read_naming_file_and_line(tmp_pat
     assert data.load_split("synth", "valid", tmp_path)[2]["summary"] == "My own words."
     post = synth.synth_record(0, "valid", 2)["post"]
     edit_line(tmp_path / "valid.jsonl", 3, post=post.replace(" have ", " had ", 1))
-    with pytest.raises(data.DataError, match=f"^{tmp_path / 'valid.jsonl'}:3: post of synth1_0_valid_2 differs from "
-                                             "the synthetic world's synth1 from character"):
+    with pytest.raises(data.DataError, match=f"^{tmp_path / 'valid.jsonl'}:3: post of synth2_0_valid_2 differs from "
+                                             "the synthetic world's synth2 from character"):
         data.load_split("synth", "valid", tmp_path)
     # the same in a comparisons file (reward.py --comparisons, evaluate.py, label.py --relabel)
     rec = dict(synth.synth_record(0, "valid", 5), post=post)
     comps = [data.comparison_record(synth.synth_record(0, "valid", 4), [("a", "x"), ("b", "y")], 0, "w", "valid2", "b"),
              data.comparison_record(rec, [("a", "x"), ("b", "y")], 0, "w", "valid2", "b")]
     data.write_jsonl(tmp_path / "c.json", comps)
-    with pytest.raises(data.DataError, match=f"^{tmp_path / 'c.json'}:2: post of synth1_0_valid_5 differs"):
+    with pytest.raises(data.DataError, match=f"^{tmp_path / 'c.json'}:2: post of synth2_0_valid_5 differs"):
         data.read_comparisons(tmp_path / "c.json")
 
 
@@ -204,7 +204,7 @@ def test_sft_refuses_an_edited_post_before_it_trains(tmp_path):
     import sft
     synth.write_synth(tmp_path / "data", sizes=dict(train=32, valid=16, test=1, transfer=1), n_labelers=2)
     edit_line(tmp_path / "data" / "valid.jsonl", 5, post="I wrote this post myself.")
-    with pytest.raises(data.DataError, match=f"{tmp_path / 'data' / 'valid.jsonl'}:5: post of synth1_0_valid_4 "):
+    with pytest.raises(data.DataError, match=f"{tmp_path / 'data' / 'valid.jsonl'}:5: post of synth2_0_valid_4 "):
         sft.main(["--task", "synth", "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"),
                   "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--n-layer", "1", "--n-head", "1",
                   "--n-embd", "16", "--batch-size", "16", "--sample-n", "4"])
