@@ -391,6 +391,8 @@ def best_of_n(sft, rm, records, refs, judge, run, max_n, temperature):
                                      rm_score=mean_se(rm_scores[rows, pick]),
                                      rougeL=float(rouge_scores[rows, pick].mean()),
                                      length=mean_se(token_lengths(chosen, run.enc))))
+            if isinstance(judge, Gold):  # the gold score itself, for Gao et al.'s fits (tools/findings.py)
+                curves[name][-1]["gold"] = mean_se(judge.totals(records, chosen))
             n *= 2
     return curves
 

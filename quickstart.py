@@ -26,6 +26,7 @@ import ppo
 import reward
 import sft
 import synth
+from model import SYNTH_SIZES
 from support.checkpoint import CheckpointError
 from support.cli import pick_device
 from support.machine import matmul_peak
@@ -38,13 +39,16 @@ def main(argv=None):
     p.add_argument("--out-dir", help="where the checkpoints and reports go (default: out/synth, or out/synth-seed<N> "
                    "for another seed)")
     p.add_argument("--data-dir", default=data.TASKS["synth"]["data_dir"], help="the synthetic splits")
+    p.add_argument("--model", default="synth-m", choices=list(SYNTH_SIZES), help="the policy's (and reward model's) "
+                   "size, built from scratch: " + ", ".join(f"{k} ({v['n_layer']} layers x {v['n_embd']})"
+                                                              for k, v in SYNTH_SIZES.items()))
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     args = p.parse_args(argv)
     out = args.out_dir or ("out/synth" if args.seed == 0 else f"out/synth-seed{args.seed}")
     common = ["--task", "synth", "--data-dir", args.data_dir, "--out-dir", out, "--seed", str(args.seed),
               "--device", args.device]
     steps = [("synthetic data", lambda: synth.write_synth(args.data_dir, seed=0)),
-             ("supervised fine-tuning", lambda: sft.main(common)),
+             ("supervised fine-tuning", lambda: sft.main(common + ["--model", args.model])),
              ("comparisons and the reward model", lambda: reward.main(common + ["--collect"])),
              ("PPO against the reward model, beta 0.05", lambda: ppo.main(common + ["--beta", "0.05"])),
              ("evaluation", lambda: evaluate.main(common + ["--no-plots"]))]

@@ -32,7 +32,6 @@ collection flags, the rubric or the labelers change (support/synth_comparisons.p
 """
 import argparse
 import functools
-import hashlib
 import itertools
 import json
 import math
@@ -108,14 +107,16 @@ MAIN_FORMS = {("short", True): "My {rel} of {dur} {vp}.", ("short", False): "My 
 # The poster's habits (probabilities). Most references leave out the name, the duration, what was tried or the
 # question, some add an irrelevant detail, a few state something false: beatable, like the paper's references, and a
 # supervised policy that imitates them at temperature 0 inherits the omissions, which is the room left for RL
-# (Section 4.1). Four facts to copy, each from the post, leave room for bigger models too.
-POSTER = dict(name=0.3, duration=0.3, tried=0.3, question=0.3, bare=0.12, long=0.3, detail=0.35, wrong=0.15)
+# (Section 4.1). Four facts to copy, each from the post, leave room for bigger models too. Every choice has a clear
+# favourite (after the first sentence, ending is likelier than any one addition: 0.8 x 0.7 x 0.7 = 0.39), so what
+# a supervised policy writes at temperature 0 does not hinge on a near tie.
+POSTER = dict(name=0.25, duration=0.25, tried=0.2, question=0.3, bare=0.12, long=0.3, detail=0.3, wrong=0.15)
 # Gold rubric (see gold_score). Coverage weights sum to 1; BUDGET is the synthetic analogue of the 48-token limit.
 # AXIS_WEIGHTS weigh the axes in the total: what is said counts twice as much as how it reads.
 COVER = dict(rel=0.15, name=0.1, vp=0.3, dur=0.15, tried=0.15, q=0.15)
 AXIS_WEIGHTS = dict(coverage=2, accuracy=2, coherence=1, length=1)
 DETAIL_COST, FALSE_COST, INCOHERENCE_COST, BUDGET = 0.1, 0.5, 0.25, 36
-LABELER_NOISE = 0.044  # Bradley-Terry temperature on gold totals; calibrated for ~75% labeler-labeler agreement
+LABELER_NOISE = 0.038  # Bradley-Terry temperature on gold totals; calibrated for ~75% labeler-labeler agreement
 CONFIDENCE_STEPS = (1.0, 2.0, 3.5)  # perceived margins (in units of the noise) above which a labeler is surer
 
 
@@ -472,22 +473,6 @@ def second_opinion_agreement(comparisons, labelers, rng):
         same.append(other.compare(rec, *comp["summaries"])[0] == comp["choice"])
     p = float(np.mean(same))
     return p, math.sqrt(p * (1 - p) / len(same))
-
-
-def judging_fingerprint(n_labelers, seed, probes=200):
-    """A digest of what the gold rubric and the simulated labelers answer on fixed probes: gold totals of the
-    reference, the perfect summary and each perturbation of `probes` posts, and every labeler's choices and
-    confidences on pairs of them. Comparisons collected under another rubric (its weights, costs, lexicon) or other
-    labelers (their noise, their confidence) give another digest, so they are not reused as if still valid."""
-    digest, labelers = hashlib.sha256(), make_labelers(n_labelers, seed=seed)
-    for i in range(probes):
-        record, rng = synth_record(0, "train", i), random.Random(i)
-        texts = [record["summary"], perfect_summary(record)] + [perturb_summary(record, kind, rng)
-                                                                for kind in PERTURBATIONS]
-        digest.update(" ".join(f"{gold_score(record, t)['total']:.9f}" for t in texts).encode())
-        labeler = labelers[i % len(labelers)]
-        digest.update(str([labeler.compare(record, a, b) for a, b in zip(texts, texts[1:])]).encode())
-    return digest.hexdigest()
 
 
 def collect(policies, records, enc, labelers, rng, samples=2, temperature=1.0, ref_fraction=0.25, split="train",

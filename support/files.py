@@ -16,13 +16,14 @@ from tqdm import tqdm
 
 @contextlib.contextmanager
 def atomic_open(path, mode="w", **kwargs):
-    """Open path.tmp for writing and, when the block ends without an error, replace path with it in one step: a run
-    killed mid-write leaves the previous file whole under the real name. The data and the rename are synced to disk
+    """Open path.<pid>.tmp for writing and, when the block ends without an error, replace path with it in one step: a
+    run killed mid-write leaves the previous file whole under the real name, and two processes writing the same file
+    (two runs sharing a cache folder) each replace it whole. The data and the rename are synced to disk
     first (a power cut must not leave a renamed but empty file). A failed write (a full disk, a folder that is not
     writable) removes the .tmp and says which file failed, why, and that the previous one is intact. Text is written
     with "\\n" line ends."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     if "b" not in mode:
         kwargs.setdefault("encoding", "utf-8")
         kwargs.setdefault("newline", "\n")

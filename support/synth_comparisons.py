@@ -34,7 +34,7 @@ def collection_key(args, sft_ckpt):
     for name, tensor in sorted(sft_ckpt["model"].items()):
         digest.update(name.encode() + tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     flags = ("train_posts", "valid_posts", "samples", "labelers", "temperature", "ref_fraction", "seed", "data_dir")
-    return dict(sft=digest.hexdigest(), judges=synth.judging_fingerprint(args.labelers, args.seed),
+    return dict(sft=digest.hexdigest(), judges=judging_fingerprint(args.labelers, args.seed),
                 **{k: getattr(args, k) for k in flags})
 
 
@@ -87,3 +87,19 @@ def second_opinion_metrics(comparisons, n_labelers, seed):
         return {}
     p, se = synth.second_opinion_agreement(held, labelers, random.Random(seed))
     return dict(labeler_agreement=p, labeler_agreement_stderr=se)
+
+
+def judging_fingerprint(n_labelers, seed, probes=200):
+    """A digest of what the gold rubric and the simulated labelers answer on fixed probes: gold totals of the
+    reference, the perfect summary and each perturbation of `probes` posts, and every labeler's choices and
+    confidences on pairs of them. Comparisons collected under another rubric (its weights, costs, lexicon) or other
+    labelers (their noise, their confidence) give another digest, so they are not reused as if still valid."""
+    digest, labelers = hashlib.sha256(), synth.make_labelers(n_labelers, seed=seed)
+    for i in range(probes):
+        record, rng = synth.synth_record(0, "train", i), random.Random(i)
+        texts = [record["summary"], synth.perfect_summary(record)]
+        texts += [synth.perturb_summary(record, kind, rng) for kind in synth.PERTURBATIONS]
+        digest.update(" ".join(f"{synth.gold_score(record, t)['total']:.9f}" for t in texts).encode())
+        labeler = labelers[i % len(labelers)]
+        digest.update(str([labeler.compare(record, a, b) for a, b in zip(texts, texts[1:])]).encode())
+    return digest.hexdigest()

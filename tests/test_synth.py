@@ -58,7 +58,7 @@ def test_synth_world_and_tokenizer_are_pinned(enc):
     # the same records and tokens on every machine and run; if the world's tables change on purpose, bump
     # synth.WORLD (and data.SYNTH_TOKENIZER when its words change) and these numbers together
     records = json.dumps([synth.synth_record(0, split, i) for split in ("train", "transfer") for i in range(20)])
-    assert hashlib.sha256(records.encode()).hexdigest()[:16] == "0b258b22d8476ba7"
+    assert hashlib.sha256(records.encode()).hexdigest()[:16] == "82737ab65be3492d"
     assert enc.n_vocab == 1241
     assert enc.encode_ordinary(" How do I get him to stop?") == [612, 939, 617, 978, 1002, 1205, 1179, 63]
 

@@ -1,20 +1,26 @@
 """
-The paper's findings in miniature on the synthetic task: the runs behind docs/results.md's findings, their numbers in
-results/findings.json and small PNGs in results/. Run `python quickstart.py --seed S` for the seeds first.
+The paper's findings in miniature, over model size: the whole loop at every synthetic model size and seed, then the
+figures the paper draws from such runs. Writes results/findings.json and results/figure{1,5,6}.png.
 
-    python tools/findings.py                    # everything below, ~15 min on 2 CPU cores
-    python tools/findings.py --only figure6     # one part
+    python tools/findings.py                                   # 4 sizes x 2 seeds, then the figures (see --help)
+    python tools/findings.py --sizes synth-xs synth-s --seeds 0 --out out/findings-small    # a smaller sweep
 
-figure1   preference over references of reference / SFT / PPO over the quick start's seeds (their eval.json)
-figure5   over-optimization: one low-beta PPO run from the seed-0 SFT and RM, its checkpoints judged by gold and
-          scored by the RM against KL (evaluate.py --sweep)
-figure6   RM held-out accuracy against the number of training comparisons: the seed-0 comparisons, first N of them
-figure7   best-of-N by the RM and by ROUGE, judged by gold (from the seed-0 evaluation)
-probes    section 4.3: the RM and gold on a perfect summary against one edit of it (from the seed-0 evaluation)
+Each run lives in <out>/<size>-seed<S>/ (sft, reward, ppo at beta 0.05, evaluate: the quick start's defaults with
+--model <size>) and is reused when it finished, so an interrupted sweep continues where it stopped.
+
+figure1  gold preference over the references against policy size, for the references, SFT and PPO (the paper's
+         figure 1, 1.3B to 12.9B), and each policy's mean gold total against the ceiling of 1 (the perfect summary)
+figure5  gold score gained over the starting policy against d = sqrt(KL) (Gao et al. 2022): best-of-N at every size
+         (each with its own RM) fitted to d (a - b d), and PPO at several betas (the middle size, seed 0) fitted to
+         d (a - b log d); the fitted peak tells whether a larger RM pushes over-optimization later
+figure6  RM held-out accuracy against model size, and against the number of comparisons (1/8, 1/4, 1/2, all: the
+         middle size, seed 0), each with the fitted points per doubling (the paper: +1.8 per doubling of model size,
+         +1.1 per doubling of data)
 """
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,75 +29,136 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate  # noqa: E402
 import ppo  # noqa: E402
 import reward  # noqa: E402
-
-PARTS = ("figure1", "figure5", "figure6", "figure7", "probes")
-
-
-def seed_dirs(seeds):
-    return [Path("out/synth" if s == 0 else f"out/synth-seed{s}") for s in seeds]
-
-
-def figure1(args, found):
-    rows = {}
-    for seed, d in zip(args.seeds, seed_dirs(args.seeds)):
-        res = json.loads((d / "eval.json").read_text())
-        rm = json.loads((d / "reward.json").read_text())
-        for name, row in res["policies"].items():
-            rows.setdefault(name, []).append(dict(seed=seed, preference=row["preference"]["mean"],
-                                                  stderr=row["preference"]["stderr"], length=row["length"]["mean"],
-                                                  length_controlled=res["length_controlled"]["preference"].get(name),
-                                                  kl=row.get("kl", {}).get("mean")))
-        acc = rm["accuracy"]["synth"]["overall"]
-        rows.setdefault("reward model", []).append(dict(seed=seed, accuracy=acc["accuracy"], stderr=acc["stderr"],
-                                                        labelers=rm["labeler_agreement"]))
-    found["figure1"] = rows
-    for name, per_seed in rows.items():
-        key = "accuracy" if name == "reward model" else "preference"
-        values = [r[key] for r in per_seed]
-        print(f"figure1 {name:<13} {key} over seeds {args.seeds}: " + ", ".join(f"{100 * v:.1f}" for v in values)
-              + f" (mean {100 * np.mean(values):.1f}, spread {100 * (max(values) - min(values)):.1f})")
+import sft  # noqa: E402
+import synth  # noqa: E402
+from model import SYNTH_SIZES  # noqa: E402
+from support.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from support.machine import matmul_peak  # noqa: E402
 
 
-def figure5(args, found):
-    base, out = seed_dirs([0])[0], Path(f"out/synth-beta{args.low_beta:g}")
-    common = ["--task", "synth", "--sft", str(base / "sft.pt"), "--reward", str(base / "reward.pt")]
-    if not (out / "ppo.pt").exists():
-        ppo.main(common + ["--out-dir", str(out), "--beta", str(args.low_beta), "--episodes", str(args.episodes),
-                           "--save-every", "10"])
-    steps = sorted(out.glob("ppo_step*.pt"), key=lambda p: int(p.stem.removeprefix("ppo_step")))
-    evaluate.main(common + ["--out-dir", str(out), "--policies", str(out / "ppo.pt"), "--max-n", "0",
-                            "--analysis-n", "0", "--sweep", *map(str, steps)])
-    res = json.loads((out / "eval.json").read_text())
-    found["figure5"] = dict(beta=args.low_beta, episodes=args.episodes, sweep=res["sweep"])
-    for r in res["sweep"]:
-        kl = round(r["kl"]["mean"], 2) + 0.0  # + 0.0: no "-0.00" from the noise of SFT's own KL
-        print(f"figure5 {r['name']:<12} KL {kl:6.2f} | gold preferred {100 * r['preference']['mean']:5.1f}"
-              f" +- {100 * r['preference']['stderr']:.1f} | RM {r['rm_score']['mean']:.2f}")
+def run_loop(out, data_dir, size, seed, extra_eval=()):
+    """The quick start's four stages at one size and seed; a stage whose output exists is not run again."""
+    common = ["--task", "synth", "--data-dir", str(data_dir), "--out-dir", str(out), "--seed", str(seed)]
+    stages = [("sft.pt", lambda: sft.main(common + ["--model", size])),
+              ("reward.pt", lambda: reward.main(common)),
+              ("ppo.pt", lambda: ppo.main(common + ["--beta", "0.05"])),
+              ("eval.json", lambda: evaluate.main(common + ["--no-plots", *extra_eval]))]
+    times = json.loads((out / "minutes.json").read_text()) if (out / "minutes.json").exists() else {}
+    for done, stage in stages:
+        if not (out / done).exists():
+            t0 = time.time()
+            stage()
+            times[done.split(".")[0]] = (time.time() - t0) / 60
+            (out / "minutes.json").write_text(json.dumps(times) + "\n")
+    return json.loads((out / "eval.json").read_text()), json.loads((out / "reward.json").read_text()), times
 
 
-def figure6(args, found):
-    base = seed_dirs([0])[0]
+def parameters(checkpoint):
+    """Parameters without the token and position embeddings, the count the scaling literature uses."""
+    model = model_from_checkpoint(load_checkpoint(checkpoint))
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("transformer.wte", "transformer.wpe")))
+
+
+def fit(d, y, form):
+    """Least squares of y = d (a - b d) ("bon") or d (a - b log d) ("rl"), both linear in a and b. Returns a, b,
+    R^2 and the d of the peak (None where the curve has none: b <= 0)."""
+    d, y = np.asarray(d, float), np.asarray(y, float)
+    x = np.stack([d, -d * (d if form == "bon" else np.log(np.maximum(d, 1e-9)))], 1)
+    (a, b), *_ = np.linalg.lstsq(x, y, rcond=None)
+    r2 = 1 - ((y - x @ [a, b]) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-12)
+    peak = (a / (2 * b) if form == "bon" else float(np.exp(a / b - 1))) if b > 0 else None
+    return dict(a=float(a), b=float(b), r2=float(r2), peak_d=peak)
+
+
+def per_doubling(x, y):
+    """The slope of y against log2(x): points gained per doubling."""
+    return float(np.polyfit(np.log2(x), y, 1)[0])
+
+
+def figure1(runs):
+    rows = []
+    for size, per_seed in runs.items():
+        row = dict(size=size, parameters=per_seed[0]["parameters"], seeds=[r["seed"] for r in per_seed])
+        for name in ("reference", "sft", "ppo"):
+            pols = [r["eval"]["policies"][name] for r in per_seed]
+            row[name] = dict(preference=[p["preference"]["mean"] for p in pols],
+                             gold=[p["gold"]["total"] for p in pols])
+        rows.append(row)
+        print(f"figure1 {size:<9} {row['parameters'] / 1e6:5.2f}M | preferred to the reference, per seed: SFT "
+              + ", ".join(f"{100 * v:.1f}" for v in row["sft"]["preference"]) + " | PPO "
+              + ", ".join(f"{100 * v:.1f}" for v in row["ppo"]["preference"]) + " | PPO gold total "
+              + ", ".join(f"{v:.3f}" for v in row["ppo"]["gold"]) + " (ceiling 1)")
+    return rows
+
+
+def figure5(runs, betas_rows):
+    out = dict(best_of_n={}, ppo=None)
+    for size, per_seed in runs.items():
+        curve = per_seed[0]["eval"]["best_of_n"]["rm"]  # seed 0's RM picking among seed 0's SFT samples
+        d = [np.sqrt(r["kl"]) for r in curve]
+        gain = [r["gold"]["mean"] - curve[0]["gold"]["mean"] for r in curve]
+        out["best_of_n"][size] = dict(d=d, gold_gain=gain, **fit(d, gain, "bon"))
+        f = out["best_of_n"][size]
+        print(f"figure5 best-of-N {size:<9} a {f['a']:.3f} b {f['b']:.3f} R^2 {f['r2']:.2f} peak at d "
+              + ("none (still rising)" if f["peak_d"] is None else f"{f['peak_d']:.2f}"))
+    if betas_rows:
+        d = [np.sqrt(max(r["kl"], 0.0)) for r in betas_rows]
+        gain = [r["gold_gain"] for r in betas_rows]
+        out["ppo"] = dict(points=betas_rows, **fit(d, gain, "rl"))
+        f = out["ppo"]
+        print(f"figure5 PPO over betas: a {f['a']:.3f} b {f['b']:.3f} R^2 {f['r2']:.2f} peak at d "
+              + ("none" if f["peak_d"] is None else f"{f['peak_d']:.2f}"))
+    return out
+
+
+def ppo_betas(base, data_dir, betas, n_posts):
+    """PPO from the middle size's seed-0 SFT and RM at each beta (0.05: that run's own PPO), its checkpoints
+    (every 10 updates) judged by gold against their KL to SFT."""
+    rows = []
+    for beta in betas:
+        out = base.parent / f"{base.name}-beta{beta:g}"
+        trained = base if beta == 0.05 else out
+        common = ["--task", "synth", "--data-dir", str(data_dir), "--sft", str(base / "sft.pt"), "--reward",
+                  str(base / "reward.pt")]
+        if not (trained / "ppo.pt").exists():
+            ppo.main(common + ["--out-dir", str(trained), "--beta", str(beta), "--save-every", "10"])
+        if not (out / "eval.json").exists():
+            steps = sorted(trained.glob("ppo_step*.pt"), key=lambda p: int(p.stem.removeprefix("ppo_step")))
+            evaluate.main(common + ["--out-dir", str(out), "--policies", str(trained / "ppo.pt"), "--n-posts",
+                                    str(n_posts), "--max-n", "0", "--analysis-n", "0", "--no-plots", "--sweep",
+                                    *map(str, steps)])
+        sweep = json.loads((out / "eval.json").read_text())["sweep"]
+        start = next(r for r in sweep if r["stage"] == "sft")["gold"]["total"]
+        rows += [dict(beta=beta, name=r["name"], kl=r["kl"]["mean"], gold_gain=r["gold"]["total"] - start,
+                      preference=r["preference"]["mean"]) for r in sweep if r["stage"] == "ppo"]
+    return rows
+
+
+def figure6(runs, base, data_dir, fractions):
+    by_size = [dict(size=s, parameters=r[0]["parameters"], accuracy=[x["reward"]["accuracy"]["synth"]["overall"]
+                                                                      ["accuracy"] for x in r],
+                    labelers=[x["reward"]["labeler_agreement"] for x in r]) for s, r in runs.items()]
     lines = (base / "comparisons" / "synth_train.json").read_text().splitlines()
-    points = []
-    for n in args.sizes:
-        out = Path(f"out/synth-rm{n}")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_subset.json").write_text("\n".join(lines[:n]) + "\n")
-        if not (out / "reward.json").exists():
-            reward.main(["--task", "synth", "--sft", str(base / "sft.pt"), "--out-dir", str(out), "--comparisons",
-                         str(out / "train_subset.json"), str(base / "comparisons" / "synth_valid.json")])
+    by_data = []
+    for frac in fractions:
+        n = int(len(lines) * frac)
+        out = base.parent / f"{base.name}-rm{n}"
+        if frac == 1:
+            out = base
+        elif not (out / "reward.json").exists():
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "train_subset.json").write_text("\n".join(lines[:n]) + "\n")
+            reward.main(["--task", "synth", "--data-dir", str(data_dir), "--sft", str(base / "sft.pt"), "--out-dir",
+                         str(out), "--comparisons", str(out / "train_subset.json"),
+                         str(base / "comparisons" / "synth_valid.json")])
         rm = json.loads((out / "reward.json").read_text())
-        acc = rm["accuracy"]["synth"]["overall"]
-        points.append(dict(comparisons=n, accuracy=acc["accuracy"], stderr=acc["stderr"],
-                           labelers=rm["labeler_agreement"]))
-        print(f"figure6 {n:>6} comparisons: held-out accuracy {100 * acc['accuracy']:.1f} +- {100 * acc['stderr']:.1f}"
-              f" (labelers {100 * rm['labeler_agreement']:.1f})")
-    found["figure6"] = points
-
-
-def from_seed0(args, found, part):
-    res = json.loads((seed_dirs([0])[0] / "eval.json").read_text())
-    found[part] = res["best_of_n"] if part == "figure7" else dict(probes=res["probes"], analysis=res["rm_analysis"])
+        by_data.append(dict(comparisons=n, accuracy=rm["accuracy"]["synth"]["overall"]["accuracy"],
+                            labelers=rm["labeler_agreement"]))
+    slope_size = per_doubling([r["parameters"] for r in by_size], [100 * np.mean(r["accuracy"]) for r in by_size])
+    slope_data = per_doubling([r["comparisons"] for r in by_data], [100 * r["accuracy"] for r in by_data])
+    print(f"figure6 RM accuracy: {slope_size:+.1f} points per doubling of model size (paper +1.8), "
+          f"{slope_data:+.1f} per doubling of comparisons (paper +1.1)")
+    return dict(by_size=by_size, by_data=by_data, per_doubling_size=slope_size, per_doubling_data=slope_data)
 
 
 def plots(found, folder):
@@ -100,72 +167,95 @@ def plots(found, folder):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("findings: matplotlib is not installed; no PNGs")
+        print("findings: matplotlib is not installed; no PNGs (pip install matplotlib)")
         return
-    if "figure1" in found:  # the per-seed bars of the quick start
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        names = [n for n in found["figure1"] if n != "reward model"]
-        for k, name in enumerate(names):
-            v = [100 * r["preference"] for r in found["figure1"][name]]
-            ax.bar(k, np.mean(v), color="#8da0cb")
-            ax.plot([k] * len(v), v, "k.", label="one seed" if k == 0 else None)
-        ax.set_xticks(range(len(names)), names)
-        ax.axhline(50, color="gray", ls="--", lw=0.8)
-        ax.set(ylabel="gold prefers it to the reference (%)", title="Figure 1 in miniature")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / "figure1.png", dpi=110)
-    curves = dict(figure5=("sweep", f"Figure 5: over-optimization (beta {found.get('figure5', {}).get('beta')})"),
-                  figure7=(None, "Figure 7: best-of-N"))
-    for part, (key, title) in curves.items():
-        if part not in found:
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        twin = ax.twinx()
-        series = {"PPO": found[part][key]} if key else found[part]
-        for name, rows in series.items():
-            kl = [r["kl"]["mean"] if isinstance(r["kl"], dict) else r["kl"] for r in rows]
-            ax.plot(kl, [100 * r["preference"]["mean"] for r in rows], "o-", label=f"{name}: gold")
-            twin.plot(kl, [r["rm_score"]["mean"] for r in rows], ".:", label=f"{name}: RM score")
-        ax.set(xlabel="KL to the SFT policy (nats)", ylabel="gold prefers it to the reference (%)", title=title)
-        twin.set_ylabel("reward model score")
-        ax.legend(loc="upper left", fontsize=7)
-        twin.legend(loc="lower right", fontsize=7)
-        fig.tight_layout()
-        fig.savefig(folder / f"{part}.png", dpi=110)
-    if "figure6" in found:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        pts = found["figure6"]
-        ax.errorbar([p["comparisons"] for p in pts], [100 * p["accuracy"] for p in pts],
-                    yerr=[100 * p["stderr"] for p in pts], marker="o", capsize=2, label="reward model")
-        ax.plot([p["comparisons"] for p in pts], [100 * p["labelers"] for p in pts], "k--", label="labeler agreement")
-        ax.set(xscale="log", xlabel="training comparisons", ylabel="held-out accuracy (%)", title="Figure 6")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / "figure6.png", dpi=110)
+    rows = found["figure1"]
+    x = [r["parameters"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for name, color in (("reference", "gray"), ("sft", "#66c2a5"), ("ppo", "#fc8d62")):
+        y = [100 * np.mean(r[name]["preference"]) for r in rows]
+        ax.plot(x, y, "o-", color=color, label=name)
+        for xi, r in zip(x, rows):
+            ax.plot([xi] * len(r[name]["preference"]), [100 * v for v in r[name]["preference"]], ".", color=color)
+    ax.set(xscale="log", xlabel="policy parameters (without embeddings)", ylabel="gold prefers it to the reference (%)",
+           title="Figure 1 in miniature")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "figure1.png", dpi=110)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for size, f in found["figure5"]["best_of_n"].items():
+        d = np.linspace(0, max(f["d"]), 50)
+        line = a1.plot(f["d"], f["gold_gain"], "o", label=size)[0]
+        a1.plot(d, d * (f["a"] - f["b"] * d), "-", color=line.get_color(), lw=0.8)
+    a1.set(xlabel="d = sqrt(KL)", ylabel="gold gained over SFT samples", title="best-of-N, d (a - b d)")
+    a1.legend(fontsize=7)
+    if found["figure5"]["ppo"]:
+        f = found["figure5"]["ppo"]
+        pts = f["points"]
+        a2.scatter([np.sqrt(max(p["kl"], 0)) for p in pts], [p["gold_gain"] for p in pts],
+                   c=[np.log(p["beta"]) for p in pts], cmap="viridis")
+        d = np.linspace(1e-3, max(np.sqrt(max(p["kl"], 0)) for p in pts), 50)
+        a2.plot(d, d * (f["a"] - f["b"] * np.log(d)), "k-", lw=0.8)
+    a2.set(xlabel="d = sqrt(KL)", ylabel="gold gained over SFT", title="PPO over betas, d (a - b log d)")
+    fig.tight_layout()
+    fig.savefig(folder / "figure5.png", dpi=110)
+
+    f6 = found["figure6"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a1.plot([r["parameters"] for r in f6["by_size"]], [100 * np.mean(r["accuracy"]) for r in f6["by_size"]], "o-",
+            label="reward model")
+    a1.plot([r["parameters"] for r in f6["by_size"]], [100 * np.mean(r["labelers"]) for r in f6["by_size"]], "k--",
+            label="labelers agree")
+    a1.set(xscale="log", xlabel="RM parameters", ylabel="held-out accuracy (%)", title="Figure 6: model size")
+    a1.legend(fontsize=8)
+    a2.plot([r["comparisons"] for r in f6["by_data"]], [100 * r["accuracy"] for r in f6["by_data"]], "o-")
+    a2.plot([r["comparisons"] for r in f6["by_data"]], [100 * r["labelers"] for r in f6["by_data"]], "k--")
+    a2.set(xscale="log", xlabel="training comparisons", title="Figure 6: data")
+    fig.tight_layout()
+    fig.savefig(folder / "figure6.png", dpi=110)
     plt.close("all")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="the parts to run")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="quick-start seeds for figure 1")
-    p.add_argument("--low-beta", type=float, default=0.001, help="figure 5: the KL coefficient of the long run")
-    p.add_argument("--episodes", type=int, default=6400, help="figure 5: episodes of that run")
-    p.add_argument("--sizes", nargs="+", type=int, default=[625, 1250, 2500, 5000, 10000],
-                   help="figure 6: numbers of training comparisons")
+    p.add_argument("--sizes", nargs="+", choices=list(SYNTH_SIZES), default=list(SYNTH_SIZES), help="model sizes")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds of every stage at each size")
+    p.add_argument("--middle", default="synth-m", choices=list(SYNTH_SIZES), help="the size of figure 5's PPO betas "
+                   "and figure 6's data axis (its seed-0 run)")
+    p.add_argument("--betas", nargs="+", type=float, default=[0.005, 0.01, 0.02, 0.05], help="figure 5: PPO's KL "
+                   "coefficients (0.05 reuses the run's own PPO)")
+    p.add_argument("--fractions", nargs="+", type=float, default=[0.125, 0.25, 0.5, 1.0], help="figure 6: fractions "
+                   "of the comparisons")
+    p.add_argument("--sweep-posts", type=int, default=250, help="figure 5: test posts judged per PPO checkpoint")
+    p.add_argument("--out", default="out/findings", help="where the runs go")
     p.add_argument("--results", default="results", help="where findings.json and the PNGs go")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.middle not in args.sizes or 0 not in args.seeds:
+        p.error("--middle must be one of --sizes, and --seeds must include 0")
+    out, t0 = Path(args.out), time.time()
+    data_dir = out / "data"
+    if not (data_dir / "synth.json").exists():
+        synth.write_synth(data_dir, seed=0)
+    runs = {}
+    for size in args.sizes:
+        for seed in args.seeds:
+            res, rm, minutes = run_loop(out / f"{size}-seed{seed}", data_dir, size, seed)
+            runs.setdefault(size, []).append(dict(seed=seed, eval=res, reward=rm, minutes=minutes,
+                                                  parameters=parameters(out / f"{size}-seed{seed}" / "sft.pt")))
+            print(f"findings: {size} seed {seed} done ({sum(minutes.values()):.1f} min of stages)")
+    base = out / f"{args.middle}-seed0"
+    betas_rows = ppo_betas(base, data_dir, sorted(args.betas), args.sweep_posts)
+    found = dict(figure1=figure1(runs), figure5=figure5(runs, betas_rows),
+                 figure6=figure6(runs, base, data_dir, sorted(args.fractions)),
+                 minutes={f"{s}-seed{r['seed']}": r["minutes"] for s, rs in runs.items() for r in rs},
+                 total_minutes=(time.time() - t0) / 60, matmul_gflops=matmul_peak() / 1e9)
     folder = Path(args.results)
     folder.mkdir(exist_ok=True)
-    path = folder / "findings.json"
-    found = json.loads(path.read_text()) if path.exists() else {}
-    for part in args.only:
-        {"figure1": figure1, "figure5": figure5, "figure6": figure6}.get(
-            part, lambda a, f: from_seed0(a, f, part))(args, found)
-        path.write_text(json.dumps(found, indent=1) + "\n")
+    (folder / "findings.json").write_text(json.dumps(found, indent=1) + "\n")
     plots(found, folder)
-    print(f"findings: wrote {path} and the PNGs in {folder}")
+    print(f"findings: {found['total_minutes']:.0f} min on a machine whose fp32 matmul peaks at "
+          f"{found['matmul_gflops']:.0f} GFLOP/s; wrote {folder / 'findings.json'} and the PNGs in {folder}")
 
 
 if __name__ == "__main__":
