@@ -56,7 +56,7 @@ from support.http_judge import HTTPJudge, JudgeError, add_http_args
 
 DEFAULTS = {
     "tldr": dict(n_posts=1000, batch_size=16, max_n=16, bon_posts=256, analysis_n=2000),
-    "synth": dict(n_posts=500, batch_size=128, max_n=32, bon_posts=250, analysis_n=1000),
+    "synth": dict(n_posts=500, batch_size=128, max_n=16, bon_posts=250, analysis_n=1000),
 }
 
 
@@ -83,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--sweep", nargs="*", default=[], help="checkpoints of one run or of several betas, for the "
                    "preference-against-KL curve (e.g. out/synth/ppo_step*.pt)")
     p.add_argument("--max-n", type=nonnegative_int, help="best-of-N for N = 1, 2, 4, ... up to this (0: skip; "
-                   "synth 32)")
+                   "synth 16)")
     p.add_argument("--bon-posts", type=positive_int, help="posts for best-of-N (synth: 250, tldr: 256)")
     p.add_argument("--bon-temperature", type=nonnegative_float, default=0.7, help="temperature of the best-of-N "
                    "samples (0: the most likely tokens, the same summary N times)")

@@ -227,6 +227,7 @@ def main(argv=None):
                    "coefficients (0.05 reuses the run's own PPO)")
     p.add_argument("--fractions", nargs="+", type=float, default=[0.125, 0.25, 0.5, 1.0], help="figure 6: fractions "
                    "of the comparisons")
+    p.add_argument("--max-n", type=int, default=32, help="figure 5: best-of-N up to this N (KL up to 2.5 at 32)")
     p.add_argument("--sweep-posts", type=int, default=250, help="figure 5: test posts judged per PPO checkpoint")
     p.add_argument("--out", default="out/findings", help="where the runs go")
     p.add_argument("--results", default="results", help="where findings.json and the PNGs go")
@@ -240,7 +241,7 @@ def main(argv=None):
     runs = {}
     for size in args.sizes:
         for seed in args.seeds:
-            res, rm, minutes = run_loop(out / f"{size}-seed{seed}", data_dir, size, seed)
+            res, rm, minutes = run_loop(out / f"{size}-seed{seed}", data_dir, size, seed, ["--max-n", str(args.max_n)])
             runs.setdefault(size, []).append(dict(seed=seed, eval=res, reward=rm, minutes=minutes,
                                                   parameters=parameters(out / f"{size}-seed{seed}" / "sft.pt")))
             print(f"findings: {size} seed {seed} done ({sum(minutes.values()):.1f} min of stages)")
