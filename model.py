@@ -31,7 +31,7 @@ PRESETS = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
 # The synthetic task's sizes, trained from scratch: its model-size axis (the paper's runs 1.3B to 12.9B). Parameters
-# without the embeddings: 0.10M, 0.34M, 0.79M, 2.7M (27x).
+# without the embeddings: 0.10M, 0.34M, 0.79M, 2.7M (27x). The quick start trains synth-s.
 SYNTH_SIZES = {
     "synth-xs": dict(n_layer=2, n_head=2, n_embd=64),
     "synth-s": dict(n_layer=3, n_head=4, n_embd=96),

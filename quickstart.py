@@ -39,7 +39,7 @@ def main(argv=None):
     p.add_argument("--out-dir", help="where the checkpoints and reports go (default: out/synth, or out/synth-seed<N> "
                    "for another seed)")
     p.add_argument("--data-dir", default=data.TASKS["synth"]["data_dir"], help="the synthetic splits")
-    p.add_argument("--model", default="synth-m", choices=list(SYNTH_SIZES), help="the policy's (and reward model's) "
+    p.add_argument("--model", default="synth-s", choices=list(SYNTH_SIZES), help="the policy's (and reward model's) "
                    "size, built from scratch: " + ", ".join(f"{k} ({v['n_layer']} layers x {v['n_embd']})"
                                                               for k, v in SYNTH_SIZES.items()))
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")

@@ -4,7 +4,7 @@ Stage 1: supervised fine-tuning on the reference summaries (the paper's "supervi
 The resulting policy samples the first summaries to compare, initializes the PPO policy, the reference policy of the
 KL penalty and the reward model, and is the baseline every result is compared to.
 
-    python sft.py --task synth                  # the synthetic TL;DR: a small GPT from scratch (--model synth-m)
+    python sft.py --task synth                  # the synthetic TL;DR: a small GPT from scratch (--model synth-s)
     python sft.py --task tldr --model gpt2      # Reddit TL;DR from GPT-2 weights (any size, or a local HF dir)
 
 Writes <out>/sft.pt (the policy), <out>/sft.json (final metrics), <out>/sft.log.jsonl (one line per step) and
@@ -38,7 +38,7 @@ from support.steplog import StepLog
 DEFAULTS = {
     "tldr": dict(model="gpt2", batch_size=128, micro_batch_size=8, lr=None, warmup=0.0, epochs=1.0, eval_every=100,
                  save_every=200, val_size=1024, sample_n=256),
-    "synth": dict(model="synth-m", batch_size=64, micro_batch_size=None, lr=6e-3, warmup=0.05, epochs=2.0,
+    "synth": dict(model="synth-s", batch_size=64, micro_batch_size=None, lr=6e-3, warmup=0.05, epochs=2.0,
                   eval_every=50, save_every=50, val_size=512, sample_n=500),
 }
 
@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--model", help="tldr: a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face "
                    "directory, or an sft.pt to continue from; synth: a size built from scratch, "
                    + ", ".join(f"{k} ({v['n_layer']}x{v['n_embd']})" for k, v in SYNTH_SIZES.items())
-                   + " (layers x width; default synth-m), or an sft.pt")
+                   + " (layers x width; default synth-s), or an sft.pt")
     p.add_argument("--n-layer", type=positive_int, help="layers of a model built from scratch (default: its size's)")
     p.add_argument("--n-head", type=positive_int, help="attention heads of a model built from scratch (default: its "
                    "size's)")
@@ -64,8 +64,8 @@ def parse_args(argv=None):
                    "accumulate over batch-size / (micro-batch-size x processes) of them (lower it to fit memory)")
     p.add_argument("--lr", type=positive_float, help="peak learning rate. tldr default: the paper's SFT rates "
                    "(6.35e-5 at 1.3B, 2.83e-5 at 6.7B) extrapolated by their power law to the model size (2.0e-4 "
-                   "for 124M, 5.9e-5 for 1.5B); synth: 6e-3, high enough that the from-scratch model learns to copy "
-                   "a number from the post within 2 epochs (at 2e-3 it does not: see docs/results.md)")
+                   "for 124M, 5.9e-5 for 1.5B); synth: 6e-3, high for a from-scratch model that must learn within 2 "
+                   "epochs to copy facts from the post (at 2e-3 the earlier world's model never copied a number)")
     p.add_argument("--warmup", type=warmup_fraction, help="fraction of the steps with a linear warm-up, at least 0 and "
                    "less than 1 (tldr 0, synth 0.05); then cosine decay to 0")
     p.add_argument("--epochs", type=positive_float, help="passes over the training posts, a fraction allowed (tldr: 1, "

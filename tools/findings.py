@@ -11,10 +11,10 @@ Each run lives in <out>/<size>-seed<S>/ (sft, reward, ppo at beta 0.05, evaluate
 figure1  gold preference over the references against policy size, for the references, SFT and PPO (the paper's
          figure 1, 1.3B to 12.9B), and each policy's mean gold total against the ceiling of 1 (the perfect summary)
 figure5  gold score gained over the starting policy against d = sqrt(KL) (Gao et al. 2022): best-of-N at every size
-         (each with its own RM) fitted to d (a - b d), and PPO at several betas (the middle size, seed 0) fitted to
+         (each with its own RM) fitted to d (a - b d), and PPO at several betas (the quick start's size, seed 0) fitted to
          d (a - b log d); the fitted peak tells whether a larger RM pushes over-optimization later
 figure6  RM held-out accuracy against model size, and against the number of comparisons (1/8, 1/4, 1/2, all: the
-         middle size, seed 0), each with the fitted points per doubling (the paper: +1.8 per doubling of model size,
+         quick start's size, seed 0), each with the fitted points per doubling (the paper: +1.8 per doubling of model size,
          +1.1 per doubling of data)
 """
 import argparse
@@ -221,8 +221,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", choices=list(SYNTH_SIZES), default=list(SYNTH_SIZES), help="model sizes")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds of every stage at each size")
-    p.add_argument("--middle", default="synth-m", choices=list(SYNTH_SIZES), help="the size of figure 5's PPO betas "
-                   "and figure 6's data axis (its seed-0 run)")
+    p.add_argument("--middle", default="synth-s", choices=list(SYNTH_SIZES), help="the size of figure 5's PPO betas "
+                   "and figure 6's data axis (its seed-0 run; the quick start's)")
     p.add_argument("--betas", nargs="+", type=float, default=[0.005, 0.01, 0.02, 0.05], help="figure 5: PPO's KL "
                    "coefficients (0.05 reuses the run's own PPO)")
     p.add_argument("--fractions", nargs="+", type=float, default=[0.125, 0.25, 0.5, 1.0], help="figure 6: fractions "
