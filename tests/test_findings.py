@@ -1,6 +1,7 @@
 """tools/findings.py's fits: Gao et al. (2022)'s functional forms recovered from exact curves, their peaks, and the
 points-per-doubling slope of figure 6."""
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +36,27 @@ def test_a_curve_that_keeps_rising_has_no_peak():
 def test_points_per_doubling():
     x = [1e5, 2e5, 4e5, 8e5]
     assert findings.per_doubling(x, [60.0, 61.8, 63.6, 65.4]) == pytest.approx(1.8)
+
+
+def test_seeds_report_checks_each_target(tmp_path):
+    """tools/seeds.py's verdicts from the quick starts' eval.json: gain, spread and RM gap, each able to fail."""
+    spec = importlib.util.spec_from_file_location("seeds", ROOT / "tools" / "seeds.py")
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+
+    def run(name, sft, ppo, rm, labelers):
+        folder = tmp_path / name
+        folder.mkdir()
+        pol = lambda p, gold: dict(preference=dict(mean=p), gold=dict(total=gold), kl=dict(mean=2.0))  # noqa: E731
+        res = dict(policies=dict(sft=pol(sft, 0.8), ppo=pol(ppo, 0.9)),
+                   rm_analysis=dict(agreement={"reward model": dict(mean=rm),
+                                               "labelers (second opinion)": dict(mean=labelers)}))
+        (folder / "eval.json").write_text(json.dumps(res))
+        (folder / "quickstart.log").write_text("=" * 20 + " quickstart: seed 0, 8.7 min on a machine\n")
+
+    run("a", 0.46, 0.92, 0.80, 0.83)
+    run("b", 0.47, 0.90, 0.79, 0.83)
+    checks = seeds.report(tmp_path, ["a", "b"])["checks"]
+    assert all(checks.values())
+    run("c", 0.60, 0.84, 0.76, 0.83)  # gain 24, spread 8, gap 7: each target fails
+    assert not any(seeds.report(tmp_path, ["a", "b", "c"])["checks"].values())

@@ -193,8 +193,9 @@ def plots(found, folder):
     if found["figure5"]["ppo"]:
         f = found["figure5"]["ppo"]
         pts = f["points"]
-        a2.scatter([np.sqrt(max(p["kl"], 0)) for p in pts], [p["gold_gain"] for p in pts],
-                   c=[np.log(p["beta"]) for p in pts], cmap="viridis")
+        dots = a2.scatter([np.sqrt(max(p["kl"], 0)) for p in pts], [p["gold_gain"] for p in pts],
+                          c=[np.log10(p["beta"]) for p in pts], cmap="viridis")
+        fig.colorbar(dots, ax=a2, label="log10 beta")
         d = np.linspace(1e-3, max(np.sqrt(max(p["kl"], 0)) for p in pts), 50)
         a2.plot(d, d * (f["a"] - f["b"] * np.log(d)), "k-", lw=0.8)
     a2.set(xlabel="d = sqrt(KL)", ylabel="gold gained over SFT", title="PPO over betas, d (a - b log d)")
