@@ -116,6 +116,7 @@ POSTER = dict(name=0.25, duration=0.25, tried=0.2, question=0.3, bare=0.12, long
 COVER = dict(rel=0.15, name=0.1, vp=0.3, dur=0.15, tried=0.15, q=0.15)
 AXIS_WEIGHTS = dict(coverage=2, accuracy=2, coherence=1, length=1)
 DETAIL_COST, FALSE_COST, INCOHERENCE_COST, BUDGET = 0.1, 0.5, 0.25, 36
+REFERENCE_WORDS = 30  # so that every reference fits data.TASKS["synth"]["response_len"] with its EOS
 LABELER_NOISE = 0.038  # Bradley-Terry temperature on gold totals; calibrated for ~75% labeler-labeler agreement
 CONFIDENCE_STEPS = (1.0, 2.0, 3.5)  # perceived margins (in units of the noise) above which a labeler is surer
 
@@ -179,7 +180,7 @@ def _synth_world(record_id):
     paragraphs = [first, " ".join(second), _cap(f["q"]) + "?"]
     post = "\n\n".join(paragraphs) if rng.random() < 0.7 else " ".join(paragraphs)
     record = dict(id=record_id, subreddit=subreddit, title=rng.choice(TITLES).format(**slots), post=post,
-                  summary=_render(f, _poster_plan(f, rng)))
+                  summary=_poster_tldr(f, rng))
     return record, f
 
 
@@ -230,6 +231,16 @@ register_synthetic_world(WORLD, world_words, check_post)  # data.py's synth toke
 # ----------------------------------------------------------------------------------------------------------------
 # the poster's TL;DRs, and the perfect and perturbed summaries that probe a reward model
 
+def _poster_tldr(f, rng):
+    """The poster's TL;DR, at most REFERENCE_WORDS words (the released TL;DRs were filtered by length too): a longer
+    one loses its irrelevant detail, then takes the short form."""
+    plan = _poster_plan(f, rng)
+    for cut in (dict(details=[]), dict(form="short")):
+        if len(_words(_render(f, plan))) > REFERENCE_WORDS:
+            plan.update(cut)
+    return _render(f, plan)
+
+
 def _poster_plan(f, rng):
     """What the simulated poster puts in a TL;DR (see POSTER)."""
     plan = dict(name=rng.random() < POSTER["name"], dur=rng.random() < POSTER["duration"],
@@ -276,8 +287,7 @@ FULL_PLAN = dict(form="short", name=True, dur=True, tried=True, q=True, details=
 
 def sample_reference(record, rng):
     """A fresh TL;DR of a synthetic record by the simulated poster (`rng`: random.Random), flaws and all."""
-    f = _facts(record)
-    return _render(f, _poster_plan(f, rng))
+    return _poster_tldr(_facts(record), rng)
 
 
 def perfect_summary(record):
