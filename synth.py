@@ -26,9 +26,9 @@ wrong one is a false statement: the headroom in which bigger models and better m
 
 The labelers. Each `Labeler` prefers a summary with Bradley-Terry noise on the gold totals, calibrated so that two
 labelers agree about 75% of the time (the paper: 73-77%, Section 3.3), and reports the released data's 9-point
-confidence, from the margin it perceives. `data.collect_comparisons` asks them about pairs of summaries and writes the original comparison format.
-reward.py's comparisons are SFT samples judged by them (`collect`), collected anew whenever the SFT model, the
-collection flags, the rubric or the labelers change (support/synth_comparisons.py).
+confidence, from the margin it perceives. `data.collect_comparisons` asks them about pairs of summaries and writes
+the original comparison format. reward.py's comparisons are SFT samples judged by them (`collect`), collected anew
+whenever the SFT model, the collection flags, the rubric or the labelers change (support/synth_comparisons.py).
 """
 import argparse
 import functools

@@ -91,7 +91,8 @@ def _document(info):
     if doc["is_cnndm"]:
         doc.update(article=_get(info, "article"), site=_get(info, "site", required=False))
     else:
-        doc.update(post=_get(info, "post"), title=_get(info, "title"), subreddit=subreddit_name(_get(info, "subreddit")))
+        doc.update(post=_get(info, "post"), title=_get(info, "title"),
+                   subreddit=subreddit_name(_get(info, "subreddit")))
         if not doc["post"].strip():
             raise DataError("empty post")
     return doc

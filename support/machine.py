@@ -6,7 +6,8 @@ import torch
 
 
 def matmul_peak(device="cpu", dtype=torch.float32, n=4096, repeats=5):
-    """Best FLOP/s of an n x n x n matmul over a few repeats (the best approximates the BLAS peak on a quiet machine)."""
+    """Best FLOP/s of an n x n x n matmul over a few repeats (the best approximates the BLAS peak on a quiet
+    machine)."""
     device = torch.device(device)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")

@@ -1,6 +1,6 @@
-"""reward.py's synthetic comparisons, kept honest: SFT samples judged by the simulated labelers (synth.collect), collected
-anew whenever what they depend on changed - the SFT weights, the collection flags, the gold rubric or the labelers -
-and never reused from a run that was killed halfway. args: reward.py's flags."""
+"""reward.py's synthetic comparisons, kept honest: SFT samples judged by the simulated labelers (synth.collect),
+collected anew whenever what they depend on changed - the SFT weights, the collection flags, the gold rubric or the
+labelers - and never reused from a run that was killed halfway. args: reward.py's flags."""
 import hashlib
 import json
 import random

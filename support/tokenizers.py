@@ -17,7 +17,8 @@ PAT_ASCII = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(name):
-    """'gpt2' (GPT-2 BPE, tiktoken's r50k_base) or the synthetic world's (SYNTH_TOKENIZER). EOS is `enc.eot_token`, PAD is data.pad_id(enc)."""
+    """'gpt2' (GPT-2 BPE, tiktoken's r50k_base) or the synthetic world's (SYNTH_TOKENIZER). EOS is `enc.eot_token`,
+    PAD is data.pad_id(enc)."""
     if name == "gpt2":
         try:
             return tiktoken.get_encoding("r50k_base")

@@ -11,11 +11,11 @@ Each run lives in <out>/<size>-seed<S>/ (sft, reward, ppo at beta 0.05, evaluate
 figure1  gold preference over the references against policy size, for the references, SFT and PPO (the paper's
          figure 1, 1.3B to 12.9B), and each policy's mean gold total against the ceiling of 1 (the perfect summary)
 figure5  gold score gained over the starting policy against d = sqrt(KL) (Gao et al. 2022): best-of-N at every size
-         (each with its own RM) fitted to d (a - b d), and PPO at several betas (the quick start's size, seed 0) fitted to
-         d (a - b log d); the fitted peak tells whether a larger RM pushes over-optimization later
+         (each with its own RM) fitted to d (a - b d), and PPO at several betas (the quick start's size, seed 0)
+         fitted to d (a - b log d); the fitted peak tells whether a larger RM pushes over-optimization later
 figure6  RM held-out accuracy against model size, and against the number of comparisons (1/8, 1/4, 1/2, all: the
-         quick start's size, seed 0), each with the fitted points per doubling (the paper: +1.8 per doubling of model size,
-         +1.1 per doubling of data)
+         quick start's size, seed 0), each with the fitted points per doubling (the paper: +1.8 per doubling of
+         model size, +1.1 per doubling of data)
 """
 import argparse
 import json
@@ -56,7 +56,8 @@ def run_loop(out, data_dir, size, seed, extra_eval=()):
 def parameters(checkpoint):
     """Parameters without the token and position embeddings, the count the scaling literature uses."""
     model = model_from_checkpoint(load_checkpoint(checkpoint))
-    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("transformer.wte", "transformer.wpe")))
+    embeddings = ("transformer.wte", "transformer.wpe")
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(embeddings))
 
 
 def fit(d, y, form):
