@@ -1,0 +1,56 @@
+"""
+Has a synth policy learned to copy facts from the post? For validation posts, teacher-force the start of a summary
+and read the probability of the right next token:
+  name      after "My <relation>", the other person's name (present in a quarter of the references; chance 1/12)
+  duration  after "My <relation> of", the number of the duration (chance 1/10)
+  tried     after "My <relation> <problem>. I", the first word of what the poster tried
+
+    python tools/copy_probe.py out/synth/sft.pt            # mean probability and how often it is the argmax
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import synth  # noqa: E402
+from support.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+
+PROBES = {
+    "name": lambda f: (f" My {f['rel']}", f" {f['name']}"),
+    "duration": lambda f: (f" My {f['rel']} of", " " + f["dur"].split()[0]),
+    "tried": lambda f: (f" My {f['rel']} {f['vp']}. I", " " + f["tried"].split()[0]),
+}
+
+
+@torch.no_grad()
+def probe(model, enc, records, make):
+    """Mean probability of the right next token, and the fraction of posts where it is the most likely one."""
+    prob, top = [], []
+    for record in records:
+        prefix, target = make(synth._facts(record))
+        tokens = enc.encode_ordinary(data.format_query(record, enc, data.TASKS["synth"]["query_len"]) + prefix)
+        p = torch.softmax(model(torch.tensor([tokens]))[0, -1].float(), -1)
+        right = enc.encode_ordinary(target)[0]
+        prob.append(float(p[right]))
+        top.append(int(p.argmax()) == right)
+    return sum(prob) / len(prob), sum(top) / len(top)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="an sft.pt or ppo.pt of the synthetic task")
+    p.add_argument("--posts", type=int, default=300, help="validation posts")
+    args = p.parse_args()
+    model = model_from_checkpoint(load_checkpoint(args.checkpoint, stage=("sft", "ppo"), task="synth")).eval()
+    enc = data.get_tokenizer(data.SYNTH_TOKENIZER)
+    records = [synth.synth_record(0, "valid", i) for i in range(args.posts)]
+    for name, make in PROBES.items():
+        prob, top = probe(model, enc, records, make)
+        print(f"{name:<9} P(right token) {prob:.3f} | the most likely token {100 * top:.0f}% of the time")
+
+
+if __name__ == "__main__":
+    main()
