@@ -353,10 +353,10 @@ def reward_at_eos(model, tokens, attention_mask, eos_id, no_eos_score=None):
     else, the score would be of an unfinished summary. Returns (B,) fp32."""
     last = last_token_index(attention_mask)
     ended = tokens.gather(1, last[:, None]).squeeze(1) == eos_id
+    values = model(tokens, attention_mask).float()  # (B, T); queued before the check, whose .all() waits on a GPU
     if no_eos_score is None and not ended.all():
         raise ValueError(f"rows {ended.logical_not().nonzero().flatten().tolist()} do not end with the EOS token "
                          f"{eos_id}: their reward would be read mid-summary")
-    values = model(tokens, attention_mask).float()  # (B, T)
     score = values.gather(1, last[:, None]).squeeze(1)
     return score if no_eos_score is None else torch.where(ended, score, torch.full_like(score, no_eos_score))
 
