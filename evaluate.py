@@ -275,7 +275,8 @@ def make_judge(args, run, rm=None):
 
 def load_model(path, run, stages):
     ckpt = load_checkpoint(path, stage=stages, task=run.task, tokenizer=run.enc.name)
-    return model_from_checkpoint(ckpt).to(run.device).eval(), ckpt
+    # frozen: padded forwards of a model that never trains may take FlexAttention on a CPU (support/attention.py)
+    return model_from_checkpoint(ckpt).to(run.device).eval().requires_grad_(False), ckpt
 
 
 def policy_names(paths):

@@ -128,7 +128,7 @@ def pairs_from_policies(args):
         name = f"{Path(path).stem}_t{args.temperature:g}"
         if name in policies:
             name = f"{Path(path).parent.name}/{name}"  # out/a/ppo.pt and out/b/ppo.pt
-        policies[name] = model_from_checkpoint(ckpt).to(device).eval()
+        policies[name] = model_from_checkpoint(ckpt).to(device).eval().requires_grad_(False)
     if args.task == "tldr" and args.split == "transfer":
         raise data.DataError("--task tldr --split transfer: CNN/DM articles, but the page shows Reddit posts")
     rng = np.random.default_rng(args.seed)

@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from support import attention
+
 # The logit of a padded vocabulary row: exp(-1e4) is exactly 0 in every float type, yet the value stays finite under
 # a temperature and in bf16, so p * log p is 0 (not NaN) in an entropy.
 MASKED_LOGIT = -1e4
@@ -58,6 +60,21 @@ class GPTConfig:
         return (self.vocab_size + 1 + 63) // 64 * 64
 
 
+def visible(first_real):
+    """The attention pattern as code, FlexAttention's mask_mod: in row b, query q may read key k when k is not in the
+    future (k <= q) and not the row's left padding (k >= first_real[b]). Right padding after an EOS lies in every real
+    query's future. A left-padding query reads nothing; its output is never read (and is 0, not NaN: see
+    support/attention.py).
+
+    Why a function and not a (B, T, T) tensor: RLHF batches are left padded (every prompt ends where the response
+    starts), and a tldr batch of queries up to 512 tokens is often 30-50% padding. Cut into 128 x 128 blocks, the
+    pattern hides whole blocks: the upper triangle and every padded column block. FlexAttention compiles this function
+    into one kernel that skips those blocks; SDPA, handed the same pattern as a dense mask, computes them all."""
+    def mask_mod(b, h, q, k):
+        return (k <= q) & (k >= first_real[b])
+    return mask_mod
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -74,14 +91,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, nh, T_past + T, hs)
-        # Which kernel runs: with is_causal and no mask (unpadded training batches, the prompt of an unpadded batch)
-        # CUDA takes FlashAttention, the fastest and leanest; a boolean mask (left padding, or decoding after a padded
-        # prompt) rules Flash out on CUDA, so the memory-efficient kernel runs, which accepts arbitrary masks. On the
-        # CPU, PyTorch's own flash-style kernel handles both cases. One decoded token with nothing padded needs no
-        # mask at all: it may see every cached key.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
-        )
+        # FlexAttention when attn_mask is a block mask, else SDPA (support/attention.py says which runs where)
+        y = attention.attend(q, k, v, attn_mask, is_causal, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -244,14 +255,10 @@ class GPT(nn.Module):
             attn_mask, is_causal = keys_valid[:, None, None, :], False  # (B, 1, 1, max_len)
         elif keys_valid.all() and (past == 0 or T == 1):
             attn_mask, is_causal = None, T > 1  # the fast paths: plain causal attention, or one token seeing all
-        else:
-            q_at = past + torch.arange(T, device=idx.device)
-            k_at = torch.arange(past + T, device=idx.device)
-            causal = k_at[None, :] <= q_at[:, None]  # (T, past + T)
-            # A padding query would see no key at all and SDPA would return NaN for it; letting it see itself keeps
-            # every number finite (its output is never read).
-            attn_mask = (causal & keys_valid[:, None, :]) | (k_at[None, :] == q_at[:, None])  # (B, T, past + T)
-            attn_mask, is_causal = attn_mask[:, None], False  # (B, 1, T, past + T): broadcast over heads
+        else:  # padding: the pattern visible() defines, shared by every layer
+            trainable = any(p.requires_grad for p in self.parameters())
+            pattern = visible(attention.first_real(keys_valid))
+            attn_mask, is_causal = attention.build(pattern, B, T, past + T, idx.device, trainable), False
 
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):

@@ -88,6 +88,7 @@ def main(argv=None):
         raise CheckpointError(f"{args.out_dir} holds neither ppo.pt nor sft.pt: train one (python sft.py) or give "
                               "--policy")
     policy, task, tokenizer, no_eos_score = load_policy(path)
+    policy.requires_grad_(False)  # never trained here (support/attention.py: a frozen model may take FlexAttention)
     enc = data.get_tokenizer(tokenizer)
     record = read_post(args, task)
     query_len = data.TASKS[task]["query_len"]
@@ -101,6 +102,7 @@ def main(argv=None):
     scores = [None] * args.n
     if args.reward:
         rm = model_from_checkpoint(load_checkpoint(args.reward, stage="reward", task=task, tokenizer=enc.name))
+        rm.requires_grad_(False)
         scores = data.score_summaries(rm.to(device).eval(), records, texts, enc, task, device=device, dtype=dtype,
                                       ended=ended, no_eos_score=no_eos_score)
     for i, (text, end, score) in enumerate(zip(texts, ended, scores)):

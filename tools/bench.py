@@ -12,6 +12,12 @@ peak memory is its own:
                   compiles, is not timed
   sample-nocache  the same, recomputing the whole sequence for every new token
   sample-hf       the same with transformers' GPT2LMHeadModel.generate (sdpa attention), where transformers is installed
+  attention       the attention alone, one layer's worth (--attn-batch x the shape's heads x --attn-len) on a
+                  left-padded batch (--pad-frac of the positions padding on average): FlexAttention with its block
+                  mask against SDPA with the same pattern as a dense mask, and the speed-up as a ratio
+  score           a PPO scoring forward of a frozen model (reference or reward model) at the tldr shape: --score-batch
+                  queries of up to 512 tokens, left padded (--pad-frac of the query positions on average), then 48
+                  response tokens, through FlexAttention and through SDPA, and the speed-up
   ppo             one PPO update at the tldr settings (512 episodes, prompts of 512 tokens, 48 sampled, 4 epochs) with
                   random weights, through ppo.py's own rollout and update: episodes/s, the time split, peak memory and
                   the FLOP/s of the whole update against the matmul peak (6 * parameters per token trained, 2 per
@@ -22,6 +28,11 @@ peak memory is its own:
     python tools/bench.py --shapes tiny    # a quick look
     python tools/bench.py --shapes 124m --cases sample-cache sample-compile sample-hf ppo --sample-batch 128 \
         --prompt-len 512 --compile          # on a GPU: docs/speed.md's side-by-side figures (tools/gpu_check.sh)
+    python tools/bench.py --shapes 124m --cases attention score   # the two attention kernels side by side
+
+The first FlexAttention call of a shape compiles (seconds on a CPU); it is reported apart and not timed. --attention
+flex or sdpa runs the train, sample and ppo cases on one kernel (support/attention.py; on a CPU a model that trains
+always runs SDPA: torch has no CPU backward for FlexAttention), and --pad-frac left-pads the train case's batch.
 """
 import argparse
 import importlib.util
@@ -38,13 +49,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import GPT, PRESETS, GPTConfig, autocast, pick_dtype  # noqa: E402
+from support import attention  # noqa: E402
 from support.cli import pick_device  # noqa: E402
 from support.machine import matmul_peak  # noqa: E402
 from support.optim import configure_optimizers  # noqa: E402
 
 SHAPES = {"tiny": dict(n_layer=4, n_head=4, n_embd=128), "124m": PRESETS["gpt2"], "355m": PRESETS["gpt2-medium"],
           "774m": PRESETS["gpt2-large"], "1558m": PRESETS["gpt2-xl"]}
-CASES = ["train", "sample-cache", "sample-compile", "sample-nocache", "sample-hf", "ppo"]
+CASES = ["train", "sample-cache", "sample-compile", "sample-nocache", "sample-hf", "attention", "score", "ppo"]
 
 
 def sync(device):
@@ -66,13 +78,15 @@ def bench_train(model, args, device, dtype):
     B, T = train_batch(args), args.train_len
     opt = configure_optimizers(model, lr=1e-4, weight_decay=0.1, device_type=device.type, verbose=False)
     x = torch.randint(0, model.config.vocab_size, (B, T + 1), device=device)
+    mask = left_padding(B, T + 1, args.pad_frac, device)[:, :-1] if args.pad_frac else None
     times = []
     for step in range(args.warmup + args.steps):
         sync(device)
         t = time.perf_counter()
         with autocast(device, dtype):
-            logits = model(x[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+            logits = model(x[:, :-1], mask)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="none")
+        loss = loss.mean() if mask is None else (loss * mask.reshape(-1)).sum() / mask.sum()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -130,6 +144,82 @@ def bench_sample(model, args, device, dtype, case):
     return dict(tokens_per_s=B * N / best)
 
 
+def left_padding(B, T, pad_frac, device):
+    """(B, T) mask of left-padded rows whose lengths are spread evenly between (1 - 2 pad_frac) T and T: on average
+    pad_frac of the positions are padding."""
+    lengths = T - ((torch.arange(B) + 0.5) / B * 2 * pad_frac * T).long()  # evenly spread, so the mean is pad_frac
+    return (torch.arange(T)[None, :] >= (T - lengths)[:, None]).long().to(device)
+
+
+def timed(run, device, repeats):
+    """Seconds of the fastest of repeats calls, after one untimed call (which compiles, where anything does)."""
+    sync(device)
+    t = time.perf_counter()
+    run()
+    sync(device)
+    first = time.perf_counter() - t
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best, first
+
+
+@torch.no_grad()
+def bench_attention(args, device, dtype):
+    """One layer's attention on a left-padded batch: FlexAttention (block mask) against SDPA (dense mask)."""
+    from model import visible
+    shape = SHAPES[args.shape]
+    B, H, T, hs = args.attn_batch, shape["n_head"], args.attn_len, shape["n_embd"] // shape["n_head"]
+    mask = left_padding(B, T, args.pad_frac, device).bool()
+    q, k, v = torch.randn(3, B, H, T, hs, device=device, dtype=dtype)
+    pattern = visible(attention.first_real(mask))
+    attention.MODE = "flex"
+    for _ in range(2):  # the first call warms up
+        t = time.perf_counter()
+        block_mask = attention.build(pattern, B, T, T, device, trainable=False)
+        mask_s = time.perf_counter() - t
+    dense = attention.dense(pattern, B, T, T, device)
+    repeats = max(args.repeats, 10)  # tenths of a second each: enough calls that the best is not one lucky one
+    flex_s, first = timed(lambda: attention.attend(q, k, v, block_mask, False, 0.0), device, repeats)
+    sdpa_s, _ = timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), device, repeats)
+    # One decoding step: a query at the last position against every cached key (the block mask of one step)
+    step = lambda b, h, q_, k_: pattern(b, h, q_ + T - 1, k_)  # noqa: E731
+    for _ in range(2):  # the first call warms up
+        t = time.perf_counter()
+        step_mask = attention.create_block_mask(step, B, None, 1, T, device=device,
+                                                BLOCK_SIZE=attention.BLOCK.get(device.type, 128))
+        step_mask_s = time.perf_counter() - t
+    q1 = q[:, :, -1:].contiguous()
+    flex1_s, _ = timed(lambda: attention.flex()(q1, k, v, block_mask=step_mask), device, repeats)
+    sdpa1_s, _ = timed(lambda: F.scaled_dot_product_attention(q1, k, v, attn_mask=dense[:, :, -1:]), device, repeats)
+    real = mask[:, None, :, None]
+    diff = float(((attention.attend(q, k, v, block_mask, False, 0.0) - F.scaled_dot_product_attention(
+        q, k, v, attn_mask=dense)).abs() * real).max())
+    return dict(flex_ms=flex_s * 1e3, sdpa_ms=sdpa_s * 1e3, compile_s=first - flex_s, block_mask_ms=mask_s * 1e3,
+                pad_frac=1 - float(mask.float().mean()), max_diff=diff, decode_flex_ms=flex1_s * 1e3,
+                decode_sdpa_ms=sdpa1_s * 1e3, decode_mask_ms=step_mask_s * 1e3)
+
+
+@torch.no_grad()
+def bench_score(args, device, dtype):
+    """A frozen model's forward over tldr episodes (query up to 512, left padded, + 48), on each kernel."""
+    cfg = GPTConfig(**SHAPES[args.shape])
+    model = GPT(cfg).to(device).eval().requires_grad_(False)
+    B, Q, R = args.score_batch, 512, 48
+    mask = torch.cat([left_padding(B, Q, args.pad_frac, device), torch.ones(B, R, dtype=torch.long, device=device)], 1)
+    tokens = torch.randint(0, cfg.vocab_size, (B, Q + R), device=device) * mask + cfg.vocab_size * (1 - mask)
+    out = dict(pad_frac=1 - float(mask.float().mean()))
+    for mode in ("flex", "sdpa"):
+        attention.MODE = mode
+        with autocast(device, dtype):
+            seconds, first = timed(lambda: model(tokens, mask, head_from=Q - 1), device, args.repeats)
+        out[f"{mode}_ms"], out[f"{mode}_compile_s"] = seconds * 1e3, first - seconds
+    return out
+
+
 def bench_ppo(args, device, dtype):
     """One PPO update of ppo.py at the tldr settings, random weights; a first update warms up (and compiles)."""
     import tempfile
@@ -177,8 +267,9 @@ def run_case(args):
     torch.manual_seed(0)
     device = pick_device(args.device)
     dtype = pick_dtype(device, args.dtype)
-    if args.case == "ppo":
-        out = bench_ppo(args, device, dtype)
+    attention.MODE = args.attention
+    if args.case in ("ppo", "attention", "score"):
+        out = dict(ppo=bench_ppo, attention=bench_attention, score=bench_score)[args.case](args, device, dtype)
     else:
         model = GPT(GPTConfig(**SHAPES[args.shape])).to(device)
         if args.case == "train":
@@ -191,7 +282,14 @@ def run_case(args):
 
 def settings(case, shape, args):
     if case == "train":
-        return f"batch {train_batch(argparse.Namespace(**{**vars(args), 'shape': shape}))} x {args.train_len}, AdamW"
+        padded = f", {args.pad_frac:.0%} left padding, attention {args.attention}" if args.pad_frac else ""
+        return f"batch {train_batch(argparse.Namespace(**{**vars(args), 'shape': shape}))} x {args.train_len}, AdamW" \
+            + padded
+    if case == "attention":
+        heads, width = SHAPES[shape]["n_head"], SHAPES[shape]["n_embd"]
+        return f"batch {args.attn_batch} x {heads} heads x {args.attn_len}, head size {width // heads}, one layer"
+    if case == "score":
+        return f"batch {args.score_batch}, query up to 512 + 48, frozen model"
     if case == "ppo":
         return f"tldr: {args.ppo_batch} episodes, prompts 512, +48, 4 epochs, micro-batch {args.micro_batch}"
     return f"batch {args.sample_batch}, prompt {args.prompt_len}, +{args.new_tokens}"
@@ -214,6 +312,13 @@ def main():
                         "fewer for a quick look on a CPU)")
     parser.add_argument("--micro-batch", type=int, default=16, help="ppo: ppo.py's --micro-batch-size")
     parser.add_argument("--ppo-sample-batch", type=int, help="ppo: ppo.py's --sample-batch-size (default: its own)")
+    parser.add_argument("--attn-batch", type=int, default=16, help="attention: sequences")
+    parser.add_argument("--attn-len", type=int, default=512, help="attention: positions per sequence")
+    parser.add_argument("--score-batch", type=int, default=16, help="score: episodes per forward")
+    parser.add_argument("--pad-frac", type=float, default=None, help="the average fraction of positions that are "
+                        "left padding (default: 0.4 for attention, 0.3 of the query for score, none for train)")
+    parser.add_argument("--attention", default="auto", choices=["auto", "flex", "sdpa"], help="which attention "
+                        "kernel padded forwards take (support/attention.py); attention and score time both")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="autocast dtype; auto = bf16 on GPUs that support it, fp32 otherwise")
@@ -225,6 +330,8 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.pad_frac is None:
+        args.pad_frac = {"attention": 0.4, "score": 0.3}.get(args.case, 0.0)
     if args.case:
         return run_case(args)
 
@@ -249,9 +356,23 @@ def main():
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             results[(shape, case)] = r
             frac = f"{r['flops'] / peak:.0%}" if "flops" in r else ""
-            rate = (f"{r['episodes_per_s']:.1f} episodes/s" if case == "ppo" else f"{r['tokens_per_s']:.1f} tokens/s")
+            if case in ("attention", "score"):
+                rate = f"{r['sdpa_ms'] / r['flex_ms']:.2f}x"
+            else:
+                rate = f"{r['episodes_per_s']:.1f} episodes/s" if case == "ppo" else f"{r['tokens_per_s']:.1f} tokens/s"
             print(f"{shape:<6} {case:<15} {rate:>16} {frac:>8} {r['peak_mb']:>9.0f}   {settings(case, shape, args)}",
                   flush=True)
+            if case in ("attention", "score"):
+                compile_s = r.get("compile_s", r.get("flex_compile_s"))
+                print(f"{'':<22} FlexAttention {r['flex_ms']:.1f} ms, SDPA {r['sdpa_ms']:.1f} ms, padding "
+                      f"{r['pad_frac']:.0%} of the positions; the first FlexAttention call compiled for "
+                      f"{compile_s:.1f} s" + (f"; block mask {r['block_mask_ms']:.1f} ms (once per batch, shared by "
+                                               f"the layers); largest difference {r['max_diff']:.1e}"
+                                               if case == "attention" else ""))
+            if case == "attention":
+                print(f"{'':<22} one decoding step (a query against the {args.attn_len} cached keys): FlexAttention "
+                      f"{r['decode_flex_ms']:.2f} ms + {r['decode_mask_ms']:.2f} ms for its block mask, SDPA "
+                      f"{r['decode_sdpa_ms']:.2f} ms")
             if case == "ppo":
                 print(f"{'':<22} sampling {r['sampling_s']:.1f} s ({r['sample_batch']} at a time), scoring "
                       f"{r['scoring_s']:.1f} s, training {r['training_s']:.1f} s")

@@ -3,7 +3,8 @@
 #   1. the test suite's quick tests (the end-to-end ones run on CPUs in CI);
 #   2. tools/bench.py at GPT-2 small: training at 16 x 1024, sampling 128 x (512 + 48) eager, compiled and with
 #      transformers' generate side by side (where transformers is installed), and one PPO update at the tldr settings
-#      with and without --compile;
+#      with and without --compile; then, at 124M and 774M, FlexAttention against SDPA on left-padded batches: the
+#      attention alone and a scoring forward at the tldr shape; a 124M training step on each kernel;
 #   3. three updates of `python ppo.py --task tldr` at the paper's settings (512 episodes, 4 epochs) on random
 #      GPT-2-small weights and real sample posts, repeated to fill a rollout batch (a speed check, not a result).
 #      The GPT-2 BPE and the sample posts are found where the tests find them (tests/locations.py).
@@ -29,6 +30,12 @@ stamp "2/3 tools/bench.py, 124m"
 python tools/bench.py --shapes 124m --cases train sample-cache sample-compile sample-hf ppo --train-batch 16 \
     --train-len 1024 --sample-batch 128 --prompt-len 512 --repeats 3
 python tools/bench.py --shapes 124m --cases train ppo --train-batch 16 --train-len 1024 --compile
+stamp "2/3 the attention kernels: FlexAttention against SDPA on left-padded batches"
+python tools/bench.py --shapes 124m 774m --cases attention score
+for kernel in flex sdpa; do
+    python tools/bench.py --shapes 124m --cases train --train-batch 16 --train-len 1024 --pad-frac 0.4 \
+        --attention $kernel
+done
 
 stamp "3/3 ppo.py --task tldr, 3 updates, $PRESET with random weights"
 posts=$SAMPLE/derived/tldr_3_filtered_format_from_batch18_refs.jsonl

@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (file, the definitions to read, what they teach, the paper). In order: nothing is used before it is introduced.
 CORE = [
-    ("model.py", ["GPTConfig", "CausalSelfAttention", "MLP", "Block", "KVCache", "GPT"], "one GPT-2 in four roles "
-     "(policy, reference, reward model, value network): attention that masks left padding, positions counted from "
-     "each row's first real token, `generate` with a KV cache", "3.4, Models"),
+    ("model.py", ["GPTConfig", "visible", "CausalSelfAttention", "MLP", "Block", "KVCache", "GPT"], "one GPT-2 in "
+     "four roles (policy, reference, reward model, value network): the attention mask as code (no future, no left "
+     "padding), positions counted from each row's first real token, `generate` with a KV cache", "3.4, Models"),
     ("model.py", ["response_logprobs", "reward_at_eos", "last_token_index", "sample_token"], "what PPO's ratio and "
      "KL are made of (log-probs at the sampling temperature), the reward read at the summary's EOS, pure sampling",
      "3.4"),
