@@ -46,7 +46,7 @@ import data
 import synth
 from model import autocast, pick_dtype, response_logprobs, trim_padding
 from support import distributed
-from support.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from support.checkpoint import POLICY_STAGES, CheckpointError, load_checkpoint, model_from_checkpoint
 from support.cli import (SEED_MAX, add_task_args, fill_task_defaults, nonnegative_float, nonnegative_int,
                          positive_float, positive_int, seed_int)
 from support.eval_report import (held_out_comparisons, plot, reference_texts, report, samples_page,  # outputs, files
@@ -63,8 +63,8 @@ DEFAULTS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_args(p, "eval")
-    p.add_argument("--policies", nargs="+", help="policy checkpoints (sft or ppo) to evaluate (default: <out>/sft.pt "
-                   "and <out>/ppo.pt, those that exist); each is named by its file name")
+    p.add_argument("--policies", nargs="+", help="policy checkpoints (sft, ppo or dpo) to evaluate (default: "
+                   "<out>/sft.pt and <out>/ppo.pt, those that exist); each is named by its file name")
     p.add_argument("--sft", help="the SFT policy: KL is measured to it, best-of-N samples it, log-probabilities "
                    "come from it (default: <out>/sft.pt; skipped when missing)")
     p.add_argument("--reward", help="the reward model whose scores are reported, which picks best-of-N and is "
@@ -361,7 +361,7 @@ def describe(texts, records, refs, judge, run, rm=None, kl=None, ended=None):
 
 def measure(path, name, records, refs, judge, run, sft, rm, kl_temperature):
     """Temperature-0 summaries of the evaluation posts and the main table's row of one policy checkpoint."""
-    policy, ckpt = load_model(path, run, ("sft", "ppo"))
+    policy, ckpt = load_model(path, run, POLICY_STAGES)
     texts, ended = greedy_summaries(policy, records, run, desc=f"{name}: summarizing")
     kl = sample(policy, records, run, kl_temperature, ref=sft, desc=f"{name}: KL")[2] if sft else None
     row, wins, lengths = describe(texts, records, refs, judge, run, rm, kl, ended)

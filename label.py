@@ -45,7 +45,7 @@ import torch
 import data
 import synth
 from model import pick_dtype
-from support.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from support.checkpoint import POLICY_STAGES, CheckpointError, load_checkpoint, model_from_checkpoint
 from support.cli import SEED_MAX, fraction, nonnegative_float, number_in, pick_device, positive_int, seed_int
 from support.files import append_durable, atomic_write, hold_lock
 from support.label_server import RequestError, make_server
@@ -120,7 +120,7 @@ def pairs_from_policies(args):
     device = pick_device(args.device)
     policies, enc = {}, None
     for path in args.policies:
-        ckpt = load_checkpoint(path, stage=("sft", "ppo"), task=args.task)
+        ckpt = load_checkpoint(path, stage=POLICY_STAGES, task=args.task)
         args.task = args.task or ckpt["task"]
         enc = enc or data.get_tokenizer(ckpt["tokenizer"])
         if ckpt["tokenizer"] != enc.name:

@@ -20,7 +20,7 @@ import torch
 import data
 import synth  # noqa: F401  the synthetic world: data.get_tokenizer and the readers need it for --task synth
 from model import pick_dtype
-from support.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from support.checkpoint import POLICY_STAGES, CheckpointError, load_checkpoint, model_from_checkpoint
 from support.cli import nonnegative_float, nonnegative_int, pick_device, positive_int, seed_int
 from support.hf import from_pretrained
 
@@ -58,7 +58,7 @@ def load_policy(path):
     """(policy, task, tokenizer name, the score PPO gives a summary without EOS) of a checkpoint or an HF folder."""
     if Path(path).is_dir():
         return from_pretrained(path), "tldr", "gpt2", -1.0
-    ckpt = load_checkpoint(path, stage=("sft", "ppo"))
+    ckpt = load_checkpoint(path, stage=POLICY_STAGES)
     return model_from_checkpoint(ckpt), ckpt["task"], ckpt["tokenizer"], ckpt["args"].get("no_eos_score", -1.0)
 
 

@@ -46,7 +46,7 @@ import numpy as np
 
 from data import (PAT_ASCII, SYNTH_TOKENIZER, TASKS, TEMPLATES, DataError, as_response, collect_comparisons,
                   format_query, get_tokenizer, load_split, register_synthetic_world, sample_candidates, write_jsonl)
-from support.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from support.checkpoint import POLICY_STAGES, CheckpointError, load_checkpoint, model_from_checkpoint
 from support.cli import SEED_MAX, fraction, nonnegative_float, nonnegative_int, positive_int, seed_int
 from support.files import atomic_write
 
@@ -562,7 +562,7 @@ def main():
 def collect_command(args):
     policies = {}
     for path in args.policies:
-        ckpt = load_checkpoint(path, stage=("sft", "ppo"), task="synth", tokenizer=SYNTH_TOKENIZER)
+        ckpt = load_checkpoint(path, stage=POLICY_STAGES, task="synth", tokenizer=SYNTH_TOKENIZER)
         policies[Path(path).stem] = model_from_checkpoint(ckpt).eval()
     posts = load_split("synth", args.split, args.data_dir)[:args.n_posts]
     comps = collect(policies, posts, get_tokenizer(SYNTH_TOKENIZER), make_labelers(args.labelers, args.seed),

@@ -18,6 +18,8 @@ from model import GPT, GPTConfig
 from support.files import atomic_open, atomic_write
 
 FORMAT = "tldr-rlhf/1"
+# The stages whose checkpoint is a policy (an LM head): what evaluate.py, label.py and sample.py take.
+POLICY_STAGES = ("sft", "ppo", "dpo")
 
 
 class CheckpointError(Exception):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from model import GPT, PRESETS, GPTConfig
-from support.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from support.checkpoint import POLICY_STAGES, CheckpointError, load_checkpoint, model_from_checkpoint
 from support.files import atomic_open, atomic_write, download
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -165,7 +165,7 @@ def export_command(checkpoint, out_dir):
     """A policy checkpoint (sft.pt / ppo.pt) as a Hugging Face GPT-2 directory; a checkpoint that is not a policy's
     is one line naming it."""
     try:
-        ckpt = load_checkpoint(checkpoint, stage=("sft", "ppo"))
+        ckpt = load_checkpoint(checkpoint, stage=POLICY_STAGES)
         export(model_from_checkpoint(ckpt), out_dir)
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")

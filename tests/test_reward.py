@@ -15,7 +15,7 @@ import locations  # noqa: E402
 import reward  # noqa: E402
 import sft  # noqa: E402
 import synth  # noqa: E402
-from support import synth_comparisons  # noqa: E402
+from support import comparisons, synth_comparisons  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from support.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
 
@@ -238,15 +238,15 @@ def test_a_collection_killed_half_way_leaves_no_record_that_vouches_for_its_file
 
 def test_comparisons_of_another_task_or_another_synthetic_world_are_refused():
     synthetic, reddit = [dict(id=f"{synth.WORLD}_0_train_7")], [dict(id="t3_js7re")]
-    reward.check_task(synthetic, ["a.json"], "synth")
-    reward.check_task(reddit, ["a.json"], "tldr")
+    comparisons.check_task(synthetic, ["a.json"], "synth")
+    comparisons.check_task(reddit, ["a.json"], "tldr")
     with pytest.raises(data.DataError, match="comparisons of Reddit posts, but --task synth"):
-        reward.check_task(reddit + synthetic, ["a.json"], "synth")
+        comparisons.check_task(reddit + synthetic, ["a.json"], "synth")
     with pytest.raises(data.DataError, match="comparisons of the synthetic task, but --task tldr"):
-        reward.check_task(reddit + [dict(id="synth0_0_train_7")], ["a.json"], "tldr")
+        comparisons.check_task(reddit + [dict(id="synth0_0_train_7")], ["a.json"], "tldr")
     with pytest.raises(data.DataError, match=r"another synthetic world \(synth0\) than this synth.py's \("
                                              + synth.WORLD + r"\): collect them anew"):
-        reward.check_task(synthetic + [dict(id="synth0_0_train_7")], ["a.json"], "synth")
+        comparisons.check_task(synthetic + [dict(id="synth0_0_train_7")], ["a.json"], "synth")
 
 
 @pytest.mark.slow

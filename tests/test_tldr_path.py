@@ -13,6 +13,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not SAMPLE.is_dir() or not TIKTOKEN.is_dir(),
                                  reason=f"needs the real sample files in {SAMPLE} and the GPT-2 BPE in {TIKTOKEN}")]
 
+import dpo  # noqa: E402
 import evaluate  # noqa: E402
 import ppo  # noqa: E402
 import reward  # noqa: E402
@@ -42,7 +43,7 @@ def common(root):
             str(root / "cache"), "--device", "cpu"]
 
 
-def test_sft_reward_ppo_run_on_the_real_formats(tldr):
+def test_sft_reward_ppo_dpo_run_on_the_real_formats(tldr):
     sft.main(common(tldr) + ["--model", str(tldr / "gpt2-tiny"), "--batch-size", "16", "--micro-batch-size", "8",
                              "--val-size", "16", "--sample-n", "8", "--eval-every", "3"])
     metrics = json.loads((tldr / "out" / "sft.json").read_text())
@@ -65,10 +66,15 @@ def test_sft_reward_ppo_run_on_the_real_formats(tldr):
     assert all(row["first_minibatch_ratio_dev"] == 0.0 for row in log[1:])
     assert load_checkpoint(tldr / "out" / "ppo.pt", stage="ppo")["task"] == "tldr"
 
+    # DPO on the same released comparisons: the same rows, the same held-out split (valid1, valid2; CNN/DM apart)
+    dpo.main(common(tldr) + ["--batch-size", "2", "--micro-batch-size", "2", "--val-size", "8", "--eval-every", "1"])
+    held_out = load_checkpoint(tldr / "out" / "dpo.pt", stage="dpo")["metrics"]["held_out"]
+    assert held_out["n"] == 5 + 425 and held_out["margin"] == held_out["margin"]  # every held-out row, not NaN
+
 
 def test_evaluate_on_reddit_and_cnndm_transfer(tldr):
     if not (tldr / "out" / "ppo.pt").exists():
-        pytest.skip("needs the stages of test_sft_reward_ppo_run_on_the_real_formats")
+        pytest.skip("needs the stages of test_sft_reward_ppo_dpo_run_on_the_real_formats")
     small = ["--n-posts", "3", "--batch-size", "3", "--max-n", "2", "--bon-posts", "2", "--analysis-n", "12",
              "--show", "2"]
     with pytest.raises(SystemExit):  # no judge by default: the only one at hand trained the PPO policy

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import synth  # noqa: E402
-from support.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from support.checkpoint import POLICY_STAGES, load_checkpoint, model_from_checkpoint  # noqa: E402
 
 PROBES = {
     "name": lambda f: (f" My {f['rel']}", f" {f['name']}"),
@@ -44,7 +44,7 @@ def main():
     p.add_argument("checkpoint", help="an sft.pt or ppo.pt of the synthetic task")
     p.add_argument("--posts", type=int, default=300, help="validation posts")
     args = p.parse_args()
-    model = model_from_checkpoint(load_checkpoint(args.checkpoint, stage=("sft", "ppo"), task="synth")).eval()
+    model = model_from_checkpoint(load_checkpoint(args.checkpoint, stage=POLICY_STAGES, task="synth")).eval()
     enc = data.get_tokenizer(data.SYNTH_TOKENIZER)
     records = [synth.synth_record(0, "valid", i) for i in range(args.posts)]
     for name, make in PROBES.items():
