@@ -3,12 +3,14 @@ Stage 3: PPO against the reward model, with a KL penalty to the SFT policy (pape
 
     python ppo.py --task synth               # the synthetic TL;DR on a CPU, minutes
     python ppo.py --task tldr --beta 0.05    # the paper's setting, one GPU
+    python ppo.py --estimator rloo           # RLOO: 4 samples a prompt, no value network
 
 The policy and the reference start from sft.pt; the value network is a separate copy of the reward
 model (its normalization bias included); the reward model is frozen. Each update (the loop in run):
 sample responses to training posts at temperature 0.7, score them, shape the reward (the RM score
 at the end, -beta * (log pi - log ref) on every token), estimate advantages by GAE (another estimate
-replaces estimate_advantages), and take 4 epochs of clipped PPO steps on policy and value. The
+replaces estimate_advantages; --estimator rloo is RLOO, without a value network: rloo_advantages
+says what changes), and take 4 epochs of clipped PPO steps on policy and value. The
 functions that teach are one-process code: under torchrun each process samples its share of the
 episodes, the loop gathers them, and one call sums the gradients.
 
@@ -102,6 +104,18 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return advantages, (advantages + values) * mask
 
 
+def rloo_advantages(rewards, mask, k):
+    """RLOO (Ahmadian et al. 2024), the one alternative to GAE here (--estimator rloo). What changes from PPO:
+    each prompt is sampled k times (its samples adjacent in the batch), and a sample's advantage is its whole
+    reward R, the score minus the KL penalty of all its tokens (rewards summed), less the mean R of the prompt's
+    other k - 1 samples; every token of the sample gets that advantage. No value network: nothing to train, score
+    or hold in memory besides policy, reference and reward model. What does not: sampling, the KL penalty in the
+    reward, whitening, the clipped policy loss over 4 epochs, every convention above. Returns (B, R)."""
+    R = rewards.sum(1).view(-1, k)  # (prompts, k)
+    baseline = (R.sum(1, keepdim=True) - R) / (k - 1)  # leave one out
+    return (R - baseline).reshape(-1, 1) * mask
+
+
 def policy_loss(logp, old_logp, advantages, mask, clip=0.2, n=None):
     """PPO's clipped surrogate (Schulman et al. 2017), masked. All (B, R); n as in masked_mean.
     Returns the loss, the fraction of tokens where the clip was active, and approx-KL
@@ -178,8 +192,9 @@ def rollout(policy, ref, value, rm, queries, seeds, args, pad, eos, device, dtyp
         with autocast(device, dtype):
             scored.append(dict(logp=response_logprobs(policy, tokens, mask, n_query, T),
                                ref_logp=response_logprobs(ref, tokens, mask, n_query, T),
-                               values=value_estimates(value, tokens, mask, n_query),
                                score=reward_at_eos(rm, tokens, mask, eos, args.no_eos_score)))
+            if value is not None:  # RLOO has none
+                scored[-1]["values"] = value_estimates(value, tokens, mask, n_query)
     batch = {k: torch.cat([s[k] for s in scored]).cpu() for k in scored[0]}
     batch.update(query=queries.cpu(), response=response, has_eos=(response == eos).any(1),
                  resp_mask=(response != pad).float())
@@ -188,8 +203,11 @@ def rollout(policy, ref, value, rm, queries, seeds, args, pad, eos, device, dtyp
 
 def estimate_advantages(rewards, batch, args):
     """The one place an advantage estimate lives (tests/test_forks.py swaps in REINFORCE with a
-    baseline). The paper's: GAE over the value network's estimates. Returns the advantages (B, R)
-    and the value network's targets (B, R), or None: no value network is trained."""
+    baseline). The paper's: GAE over the value network's estimates; or RLOO's leave-one-out
+    baseline. Returns the advantages (B, R) and the value network's targets (B, R), or None: no
+    value network is trained."""
+    if args.estimator == "rloo":
+        return rloo_advantages(rewards, batch["resp_mask"], args.samples_per_prompt), None
     return gae(rewards, batch["values"], batch["resp_mask"], args.gamma, args.lam)
 
 
@@ -244,7 +262,7 @@ def ppo_update(policy, value, optimizer, batch, lr, update, args, pad, device, d
     """The clipped PPO epochs: one optimizer step per minibatch. Returns the statistics, means over
     the minibatches, and the first micro-batch's check that it replays the rollout (0 unless
     compiled)."""
-    params = [p for model in (policy, value) for p in model.parameters()]
+    params = [p for model in (policy, value) if model is not None for p in model.parameters()]
     totals, first, n_steps = {}, None, 0
     resume_path = Path(args.out_dir) / "ppo.resume.pt"  # kept if a loss is not finite
     for episodes, n_tokens in minibatches(batch, update, args):
@@ -282,11 +300,12 @@ def run(args):
     inputs = resume_inputs(args)  # what a resume must find unchanged: the models and the posts
     if args.lr is None:  # tldr: by model size (0 is refused by --lr's type, never read as unset)
         args.lr = tldr_lr(policy.num_params())
-    optimizer = configure_optimizers(torch.nn.ModuleList([policy, value]), args.lr,
-                                     device_type=device.type)
+    optimizer = configure_optimizers(torch.nn.ModuleList([m for m in (policy, value) if m is not None]),
+                                     args.lr, device_type=device.type)
     train_policy, train_value = policy, value  # what the training forwards run: compiled, or not
     if args.compile:
-        train_policy, train_value = torch.compile(policy), torch.compile(value)
+        train_policy = torch.compile(policy)
+        train_value = torch.compile(value) if value is not None else None
     kl_ctl = AdaptiveKL(args.beta, args.target_kl, args.kl_horizon) if args.target_kl else None
     # prompts: the SFT training posts, reshuffled every pass; fixed validation posts for evaluation
     queries, valid_records = load_prompts(args, enc)
@@ -302,7 +321,9 @@ def run(args):
     while update < n_updates:
         beta = kl_ctl.beta if kl_ctl else args.beta
         lr = args.lr * (1 - update / n_updates)  # linear decay to 0
-        idx = data.batch_indices(len(queries), args.rollout_batch_size, update, args.seed)
+        # the update's prompts; RLOO samples each --samples-per-prompt times (adjacent), PPO once
+        idx = np.repeat(data.batch_indices(len(queries), args.rollout_batch_size // args.samples_per_prompt,
+                                           update, args.seed), args.samples_per_prompt)
         seeds = episode_seeds(args.seed, update, len(idx))
         mine = my_episodes(len(idx), args.minibatch_size)  # all of them, but under torchrun
         prompts = torch.as_tensor(queries[idx[mine]], device=device).long()
@@ -368,6 +389,11 @@ def parse_args(argv=None):
                    "process (default: as many as half a GPU's free memory holds, on a CPU the "
                    "process's share of the rollout batch); it changes the result only by rounding")
     p.add_argument("--ppo-epochs", type=positive_int, default=4, help="passes over each rollout batch")
+    p.add_argument("--estimator", choices=["gae", "rloo"], default="gae", help="the advantage: gae (the paper: "
+                   "GAE over a value network) or rloo (Ahmadian et al. 2024: each sample's reward less the mean of "
+                   "its prompt's other samples; no value network, see rloo_advantages)")
+    p.add_argument("--samples-per-prompt", type=positive_int, help="samples of each prompt in a rollout batch "
+                   "(gae: 1; rloo: 4, at least 2); a divisor of --rollout-batch-size")
     p.add_argument("--lr", type=positive_float, help="peak learning rate, decayed linearly to 0. "
                    "tldr: the paper's PPO rates (1.5e-5 at 1.3B, 7e-6 at 6.7B) along their power law, "
                    "but never above 1.5e-5 (so 1.5e-5 for every GPT-2; see tldr_lr); synth: 3e-5")

@@ -28,6 +28,14 @@ def complete_args(p, args, defaults):
     minibatches, micro-batches and processes."""
     episodes_given = args.episodes is not None
     fill_task_defaults(args, defaults)
+    if args.samples_per_prompt is None:
+        args.samples_per_prompt = 4 if args.estimator == "rloo" else 1
+    if args.estimator == "rloo" and args.samples_per_prompt < 2:
+        p.error(f"--estimator rloo needs --samples-per-prompt of at least 2 (a baseline of the others), not "
+                f"{args.samples_per_prompt}")
+    if args.rollout_batch_size % args.samples_per_prompt:
+        p.error(f"--rollout-batch-size {args.rollout_batch_size} is not a multiple of --samples-per-prompt "
+                f"{args.samples_per_prompt}")
     args.sft = args.sft or str(Path(args.out_dir) / "sft.pt")
     args.reward = args.reward or str(Path(args.out_dir) / "reward.pt")
     for big, small in (("rollout-batch-size", "minibatch-size"), ("rollout-batch-size", "micro-batch-size")):
@@ -69,11 +77,12 @@ def setup(args):
 
 def build_models(args, enc, device):
     """Policy and reference from SFT; the value network a separate copy of the reward model
-    (normalization bias included), trained alongside the policy; the reward model itself frozen."""
+    (normalization bias included), trained alongside the policy (none for RLOO: None); the reward model itself
+    frozen."""
     sft_ckpt = load_checkpoint(args.sft, stage="sft", task=args.task, tokenizer=enc.name)
     rm_ckpt = load_checkpoint(args.reward, stage="reward", task=args.task, tokenizer=enc.name)
     policy = model_from_checkpoint(sft_ckpt).to(device)
-    value = model_from_checkpoint(rm_ckpt).to(device)
+    value = None if args.estimator == "rloo" else model_from_checkpoint(rm_ckpt).to(device)
     ref = model_from_checkpoint(sft_ckpt).to(device).eval().requires_grad_(False)
     rm = model_from_checkpoint(rm_ckpt).to(device).eval().requires_grad_(False)
     return policy, ref, value, rm
@@ -205,7 +214,7 @@ def save_checkpoints(out, update, policy, value, optimizer, kl_ctl, inputs, enc,
     if update % args.save_every == 0 and distributed.is_main():
         save_checkpoint(out / f"ppo_step{update}.pt", policy, **meta)
     if (update % args.save_every == 0 or update == args.stop_after) and distributed.is_main():
-        save_resume_state(out / "ppo.resume.pt", policy, optimizer, value=value.state_dict(),
+        save_resume_state(out / "ppo.resume.pt", policy, optimizer, value=None if value is None else value.state_dict(),
                           beta=kl_ctl.beta if kl_ctl else args.beta, inputs=inputs, **meta)
 
 
@@ -213,7 +222,8 @@ def resume(out, policy, value, optimizer, kl_ctl, args, inputs):
     """Restore what save_checkpoints wrote (refused if the flags or input files changed); returns the update to
     continue from."""
     state = load_resume_state(out / "ppo.resume.pt", policy, optimizer, "ppo", args, inputs)
-    value.load_state_dict(state["value"])
+    if value is not None:
+        value.load_state_dict(state["value"])
     if kl_ctl:
         kl_ctl.beta = state["beta"]
     return state["step"]

@@ -44,6 +44,21 @@ def test_gae_by_hand():
     torch.testing.assert_close(adv, torch.tensor([[0.5, 0.4, 0.3, 0.0]]))
 
 
+def test_rloo_advantages_by_hand():
+    # two prompts, k = 2 samples each; per-token rewards (the KL penalty on each token, the score at the EOS)
+    rewards = torch.tensor([[-0.1, 1.0, 0.0], [0.2, -0.5, 0.0], [0.0, 0.0, 3.0], [-0.2, 0.1, 0.0]])
+    mask = torch.tensor([[1.0, 1, 0], [1, 1, 0], [1, 1, 1], [1, 1, 0]])
+    adv = ppo.rloo_advantages(rewards, mask, k=2)
+    # R = 0.9, -0.3 | 3.0, -0.1; with k = 2 the baseline is the other sample's R
+    want = torch.tensor([0.9 + 0.3, -0.3 - 0.9, 3.0 + 0.1, -0.1 - 3.0])[:, None] * mask
+    torch.testing.assert_close(adv, want)
+    # k = 4, one prompt: baseline of sample i = (sum of the others) / 3
+    adv4 = ppo.rloo_advantages(rewards, mask, k=4)
+    R = torch.tensor([0.9, -0.3, 3.0, -0.1])
+    torch.testing.assert_close(adv4, (R - (R.sum() - R) / 3)[:, None] * mask)
+    assert adv4[:, 0].sum().abs() < 1e-6  # leave-one-out advantages of a prompt sum to 0
+
+
 def test_masked_whiten_uses_only_real_tokens():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7.0]])
     mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])
@@ -178,6 +193,29 @@ def test_resume_equals_uninterrupted(stages, tmp_path):
 
 
 @pytest.mark.slow
+def test_rloo_runs_without_a_value_network_samples_each_prompt_k_times_and_resumes(stages, tmp_path, monkeypatch):
+    built = []
+    rollout = ppo.rollout
+
+    def watching(policy, ref, value, rm, queries, *args):
+        built.append((value, queries.cpu()))
+        return rollout(policy, ref, value, rm, queries, *args)
+    monkeypatch.setattr(ppo, "rollout", watching)
+    log = run_ppo(stages, tmp_path / "a", "--estimator", "rloo", "--samples-per-prompt", "4")[1:]
+    assert all(value is None for value, _ in built)
+    groups = built[0][1].view(-1, 4, built[0][1].size(1))  # each prompt 4 times, adjacent
+    assert all(torch.equal(g[0], g[i]) for g in groups for i in range(4))
+    assert all(row["first_minibatch_ratio_dev"] == 0.0 and "value_loss" not in row for row in log)
+    state = torch.load(tmp_path / "a" / "ppo_step3.pt", weights_only=True)
+    assert state["stage"] == "ppo"
+    run_ppo(stages, tmp_path / "b", "--estimator", "rloo", "--samples-per-prompt", "4", "--stop-after", "3")
+    run_ppo(stages, tmp_path / "b", "--estimator", "rloo", "--samples-per-prompt", "4", "--resume")
+    a = load_checkpoint(tmp_path / "a" / "ppo.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "ppo.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(stages, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = ppo.value_loss
@@ -252,6 +290,9 @@ def test_fewer_posts_than_a_rollout_batch_is_a_clear_error(stages, tmp_path):
     (["--eval-every", "0"], "argument --eval-every: must be at least 1, got 0"),
     (["--rollout-batch-size", "0"], "argument --rollout-batch-size: must be at least 1, got 0"),
     (["--episodes", "16"], "--episodes 16 is less than one --rollout-batch-size 32"),
+    (["--estimator", "rloo", "--samples-per-prompt", "1"], "--estimator rloo needs --samples-per-prompt of at "
+                                                           "least 2"),
+    (["--samples-per-prompt", "3"], "--rollout-batch-size 32 is not a multiple of --samples-per-prompt 3"),
 ])
 def test_batch_flags_that_cannot_work_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):

@@ -18,6 +18,7 @@ peak memory is its own:
   score           a PPO scoring forward of a frozen model (reference or reward model) at the tldr shape: --score-batch
                   queries of up to 512 tokens, left padded (--pad-frac of the query positions on average), then 48
                   response tokens, through FlexAttention and through SDPA, and the speed-up
+  rloo            the same update with ppo.py --estimator rloo: 4 samples a prompt, no value network
   ppo             one PPO update at the tldr settings (512 episodes, prompts of 512 tokens, 48 sampled, 4 epochs) with
                   random weights, through ppo.py's own rollout and update: episodes/s, the time split, peak memory and
                   the FLOP/s of the whole update against the matmul peak (6 * parameters per token trained, 2 per
@@ -56,7 +57,8 @@ from support.optim import configure_optimizers  # noqa: E402
 
 SHAPES = {"tiny": dict(n_layer=4, n_head=4, n_embd=128), "124m": PRESETS["gpt2"], "355m": PRESETS["gpt2-medium"],
           "774m": PRESETS["gpt2-large"], "1558m": PRESETS["gpt2-xl"]}
-CASES = ["train", "sample-cache", "sample-compile", "sample-nocache", "sample-hf", "attention", "score", "ppo"]
+CASES = ["train", "sample-cache", "sample-compile", "sample-nocache", "sample-hf", "attention", "score", "ppo",
+         "rloo"]
 
 
 def sync(device):
@@ -221,7 +223,8 @@ def bench_score(args, device, dtype):
 
 
 def bench_ppo(args, device, dtype):
-    """One PPO update of ppo.py at the tldr settings, random weights; a first update warms up (and compiles)."""
+    """One PPO update of ppo.py at the tldr settings, random weights; a first update warms up (and compiles).
+    The rloo case: the same with --estimator rloo (no value network)."""
     import tempfile
 
     import ppo
@@ -231,14 +234,17 @@ def bench_ppo(args, device, dtype):
              "--rollout-batch-size", str(args.ppo_batch), "--minibatch-size", str(min(64, args.ppo_batch))]
     flags += (["--compile"] if args.compile else []) + (["--sample-batch-size", str(args.ppo_sample_batch)]
                                                         if args.ppo_sample_batch else [])
+    rloo = args.case == "rloo"
+    flags += ["--estimator", "rloo"] if rloo else []
     pargs = ppo.parse_args(flags)
     cfg = GPTConfig(**SHAPES[args.shape])
     policy, ref = GPT(cfg).to(device), GPT(cfg).to(device).eval().requires_grad_(False)
     value, rm = (GPT(GPTConfig(**SHAPES[args.shape], head="scalar")).to(device) for _ in range(2))
     rm.eval().requires_grad_(False)
-    optimizer = configure_optimizers(torch.nn.ModuleList([policy, value]), 1e-6, device_type=device.type,
-                                     verbose=False)
-    train_policy, train_value = (torch.compile(m) if args.compile else m for m in (policy, value))
+    value = None if rloo else value
+    trained = [m for m in (policy, value) if m is not None]
+    optimizer = configure_optimizers(torch.nn.ModuleList(trained), 1e-6, device_type=device.type, verbose=False)
+    train_policy, train_value = (torch.compile(m) if args.compile and m is not None else m for m in (policy, value))
     n, pad, eos = pargs.rollout_batch_size, cfg.vocab_size, cfg.vocab_size - 1
     pargs.sample_batch_size = ppo_run.episodes_sampled_at_once(pargs, policy, device, dtype)
     queries = torch.randint(0, cfg.vocab_size - 1, (n, task["query_len"]), device=device)
@@ -257,7 +263,8 @@ def bench_ppo(args, device, dtype):
     T, R = task["query_len"] + task["response_len"], task["response_len"]
     head = policy.lm_head.weight.numel()
     lm, scalar = 2 * ((policy.num_params() - head) * T + head * R), 2 * (policy.num_params() - head) * T
-    flops = n * (3 * lm + 2 * scalar + 3 * pargs.ppo_epochs * (lm + scalar))  # sample; score with 4; train 2
+    scalars = 1 if rloo else 2  # the reward model, and PPO's value network
+    flops = n * (3 * lm + scalars * scalar + 3 * pargs.ppo_epochs * (lm + (scalars - 1) * scalar))
     total = sum(seconds.values())
     return dict(episodes_per_s=n / total, flops=flops / total, sample_batch=pargs.sample_batch_size, **seconds)
 
@@ -268,8 +275,9 @@ def run_case(args):
     device = pick_device(args.device)
     dtype = pick_dtype(device, args.dtype)
     attention.MODE = args.attention
-    if args.case in ("ppo", "attention", "score"):
-        out = dict(ppo=bench_ppo, attention=bench_attention, score=bench_score)[args.case](args, device, dtype)
+    if args.case in ("ppo", "rloo", "attention", "score"):
+        out = dict(ppo=bench_ppo, rloo=bench_ppo, attention=bench_attention, score=bench_score)[args.case](
+            args, device, dtype)
     else:
         model = GPT(GPTConfig(**SHAPES[args.shape])).to(device)
         if args.case == "train":
@@ -290,8 +298,9 @@ def settings(case, shape, args):
         return f"batch {args.attn_batch} x {heads} heads x {args.attn_len}, head size {width // heads}, one layer"
     if case == "score":
         return f"batch {args.score_batch}, query up to 512 + 48, frozen model"
-    if case == "ppo":
-        return f"tldr: {args.ppo_batch} episodes, prompts 512, +48, 4 epochs, micro-batch {args.micro_batch}"
+    if case in ("ppo", "rloo"):
+        return (f"tldr: {args.ppo_batch} episodes, prompts 512, +48, 4 epochs, micro-batch {args.micro_batch}"
+                + (", 4 samples a prompt, no value network" if case == "rloo" else ""))
     return f"batch {args.sample_batch}, prompt {args.prompt_len}, +{args.new_tokens}"
 
 
@@ -359,7 +368,8 @@ def main():
             if case in ("attention", "score"):
                 rate = f"{r['sdpa_ms'] / r['flex_ms']:.2f}x"
             else:
-                rate = f"{r['episodes_per_s']:.1f} episodes/s" if case == "ppo" else f"{r['tokens_per_s']:.1f} tokens/s"
+                rate = (f"{r['episodes_per_s']:.1f} episodes/s" if case in ("ppo", "rloo")
+                        else f"{r['tokens_per_s']:.1f} tokens/s")
             print(f"{shape:<6} {case:<15} {rate:>16} {frac:>8} {r['peak_mb']:>9.0f}   {settings(case, shape, args)}",
                   flush=True)
             if case in ("attention", "score"):
@@ -373,7 +383,7 @@ def main():
                 print(f"{'':<22} one decoding step (a query against the {args.attn_len} cached keys): FlexAttention "
                       f"{r['decode_flex_ms']:.2f} ms + {r['decode_mask_ms']:.2f} ms for its block mask, SDPA "
                       f"{r['decode_sdpa_ms']:.2f} ms")
-            if case == "ppo":
+            if case in ("ppo", "rloo"):
                 print(f"{'':<22} sampling {r['sampling_s']:.1f} s ({r['sample_batch']} at a time), scoring "
                       f"{r['scoring_s']:.1f} s, training {r['training_s']:.1f} s")
     print()
@@ -393,6 +403,11 @@ def main():
             r = results[(shape, "ppo")]
             print(f"{shape}: PPO {r['episodes_per_s']:.1f} episodes/s, 1M episodes in "
                   f"{1e6 / r['episodes_per_s'] / 3600:.1f} h (target >= 100 episodes/s on a GPU at 124m)")
+        if (shape, "ppo") in results and (shape, "rloo") in results:
+            p, r = results[(shape, "ppo")], results[(shape, "rloo")]
+            print(f"{shape}: RLOO against PPO, the same rollout settings: "
+                  f"{r['episodes_per_s'] / p['episodes_per_s']:.2f}x the episodes/s, "
+                  f"{r['peak_mb'] / p['peak_mb']:.2f}x the peak memory")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ CORE = [
     ("reward.py", ["pair_rewards", "preference_loss"], "the reward model's loss -log sigmoid(r(preferred) - "
      "r(other))", "3.4, Reward models"),
     ("reward.py", ["normalize"], "the bias that makes the reference summaries score 0", "3.4"),
-    ("ppo.py", ["masked_mean", "masked_whiten", "shape_rewards", "gae", "policy_loss", "value_loss", "AdaptiveKL"],
-     "the RLHF math as small pure functions: the KL penalty in the reward, GAE, the clipped losses", "3.4, appendix B"),
+    ("ppo.py", ["masked_mean", "masked_whiten", "shape_rewards", "gae", "rloo_advantages", "policy_loss",
+                "value_loss", "AdaptiveKL"], "the RLHF math as small pure functions: the KL penalty in the reward, "
+     "GAE (or RLOO's leave-one-out baseline), the clipped losses", "3.4, appendix B"),
     ("ppo.py", ["episode_tokens", "value_estimates", "rollout", "estimate_advantages", "add_advantages",
                 "minibatches", "ppo_losses", "ppo_update"], "one update: sample and score, advantages (the one "
      "place another estimate goes), 4 epochs of clipped steps", "3.4, Human feedback policies"),
