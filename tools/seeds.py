@@ -99,11 +99,14 @@ def main():
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda r: quickstart(out, *r), todo))
     found = report(out, [name for name, _, _ in todo])
-    found.update(minutes=(time.time() - t0) / 60, matmul_gflops=matmul_peak() / 1e9, jobs=args.jobs)
+    found.update(matmul_gflops=matmul_peak() / 1e9)  # each run's own minutes are in its row
+    if not args.report:  # a report's own time says nothing of the runs
+        found.update(minutes=(time.time() - t0) / 60, jobs=args.jobs)
     Path("results").mkdir(exist_ok=True)
     Path("results/seeds.json").write_text(json.dumps(found, indent=1) + "\n")
-    print(f"seeds: {found['minutes']:.0f} min for {len(todo)} runs, {args.jobs} at a time, on a machine whose fp32 "
-          f"matmul peaks at {found['matmul_gflops']:.0f} GFLOP/s; wrote results/seeds.json")
+    print((f"seeds: {found['minutes']:.0f} min for {len(todo)} runs, {args.jobs} at a time, " if "minutes" in found
+           else "seeds: ") + f"on a machine whose fp32 matmul peaks at {found['matmul_gflops']:.0f} GFLOP/s; wrote "
+          "results/seeds.json")
 
 
 if __name__ == "__main__":
