@@ -3,16 +3,18 @@ Step 1 with people: a labeling page that collects comparisons of summaries from 
 step 1, with the interface of its appendix C), written in the released comparison format.
 
     python label.py --policies out/synth/sft.pt out/synth/ppo.pt --out labels/me.json   # sample pairs, serve
+    python label.py --out labels/methods.json --policies out/methods/seed0/{ppo,rloo}-beta0.05/ppo.pt \
+        out/methods/seed0/dpo-beta0.1/dpo.pt       # PPO, RLOO and DPO side by side (tools/compare_methods.py)
     python label.py --task tldr --relabel data/tldr/comparisons/batch18.json --out labels/b18.json
     python label.py --out labels/me.json             # the same pairs again: everyone continues where they were
     python label.py --out labels/me.json --report    # agreement with the gold rubric and the original labelers
     python reward.py --comparisons labels/me.json --sft out/synth/sft.pt --out-dir out/me --batch-size 16
 
-The pairs. Two summaries of one post: samples of policies (sft.pt / ppo.pt checkpoints) at a temperature that gives
-variety (0.7: most released samples whose policy name gives a temperature), with the reference summary as one more
-"policy" (--ref-fraction), or the pairs of an existing comparisons file (--relabel: the paper's researcher-labeler
-agreement, Section 3.3 and C.2). They are drawn once and kept in <out>.pairs.json, so a restarted server shows the
-same ones.
+The pairs. Two summaries of one post: samples of policies (sft.pt, ppo.pt, dpo.pt checkpoints) at a temperature that
+gives variety (0.7: most released samples whose policy name gives a temperature), with the reference summary as one
+more "policy" (--ref-fraction), or the pairs of an existing comparisons file (--relabel: the paper's
+researcher-labeler agreement, Section 3.3 and C.2). They are drawn once and kept in <out>.pairs.json, so a restarted
+server shows the same ones.
 
 The page. The post and the two summaries, left and right in an order drawn for each person; the 9-point scale of
 the released data (1 = the left summary is definitely better ... 9 = the right one is; there is no 5, the released
@@ -45,7 +47,7 @@ import torch
 import data
 import synth
 from model import pick_dtype
-from support.checkpoint import POLICY_STAGES, CheckpointError, load_checkpoint, model_from_checkpoint
+from support.checkpoint import POLICY_STAGES, CheckpointError, load_checkpoint, model_from_checkpoint, policy_name
 from support.cli import SEED_MAX, fraction, nonnegative_float, number_in, pick_device, positive_int, seed_int
 from support.files import append_durable, atomic_write, hold_lock
 from support.label_server import RequestError, make_server
@@ -66,8 +68,9 @@ def parse_args(argv=None):
     src = p.add_argument_group("the pairs (drawn once; a later run with the same --out reuses them)")
     src.add_argument("--task", choices=list(data.TASKS), help="whose posts: the synthetic TL;DR or Reddit TL;DR "
                      "(default: the task of the checkpoints or comparisons, or of the pairs file)")
-    src.add_argument("--policies", nargs="+", help="sft.pt / ppo.pt checkpoints to sample the summaries from; each "
-                     "is named <file name>_t<temperature>, as the released data names its policies")
+    src.add_argument("--policies", nargs="+", help="sft.pt, ppo.pt or dpo.pt checkpoints to sample the summaries "
+                     "from, side by side; each is named <file name>_t<temperature>, as the released data names its "
+                     "policies (an RLOO run's ppo.pt: rloo_t<temperature>)")
     src.add_argument("--relabel", nargs="+", help="comparison files (ours or OpenAI's) whose pairs are labelled "
                      "again; the report gives the agreement with their labelers")
     src.add_argument("--data-dir", help="the task's data (default: data/synth or data/tldr)")
@@ -125,7 +128,7 @@ def pairs_from_policies(args):
         enc = enc or data.get_tokenizer(ckpt["tokenizer"])
         if ckpt["tokenizer"] != enc.name:
             raise CheckpointError(f"{path}: tokenizer {ckpt['tokenizer']}, but {args.policies[0]} uses {enc.name}")
-        name = f"{Path(path).stem}_t{args.temperature:g}"
+        name = f"{policy_name(path, ckpt)}_t{args.temperature:g}"
         if name in policies:
             name = f"{Path(path).parent.name}/{name}"  # out/a/ppo.pt and out/b/ppo.pt
         policies[name] = model_from_checkpoint(ckpt).to(device).eval().requires_grad_(False)

@@ -26,6 +26,15 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used: missing, not ours, pickled code, or another stage, task or tokenizer."""
 
 
+def policy_name(path, ckpt):
+    """A policy checkpoint's name on pages and in files: its file name, with "ppo" read as "rloo" for a run of
+    `ppo.py --estimator rloo`, since both estimators write ppo.pt (ppo_step20.pt -> rloo_step20)."""
+    stem = Path(path).stem
+    if ckpt["stage"] == "ppo" and ckpt.get("args", {}).get("estimator") == "rloo" and stem.startswith("ppo"):
+        return "rloo" + stem[3:]
+    return stem
+
+
 def plain(obj):
     """Args and metrics as values torch.load(weights_only=True) accepts: dicts, lists, str, numbers, bool, None."""
     if isinstance(obj, argparse.Namespace):

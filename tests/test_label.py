@@ -279,7 +279,7 @@ def test_a_torn_last_line_is_set_aside_and_other_flags_are_refused(tmp_path, cap
     labels = label.Labels(out, label.load_or_make_pairs(args), "labels", 0)
     labels.judge(dict(worker="ann", pair=labels.state("ann")["pair"]["key"], confidence=2))
     good = out.read_bytes()
-    out.write_bytes(good + b'{"info": {"id": "synth2_0_val')  # a power cut in the middle of an append
+    out.write_bytes(good + b'{"info": {"id": "synth3_0_val')  # a power cut in the middle of an append
     labels = label.Labels(out, labels.pairs, "labels", 0, serving=True)
     assert out.read_bytes() == good and labels.state("ann")["done"] == 1
     assert (tmp_path / "labels.json.torn").read_bytes().startswith(b'{"info"')
@@ -422,3 +422,26 @@ def test_an_idle_connection_is_closed_after_the_timeout(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_ppo_rloo_and_dpo_policies_are_sampled_side_by_side_each_under_its_own_name(stages, served, tmp_path):
+    from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_name, save_checkpoint
+    root, _ = stages
+    sft_ckpt = load_checkpoint(root / "out" / "sft.pt")
+    model = model_from_checkpoint(sft_ckpt)
+    meta = dict(task="synth", tokenizer=sft_ckpt["tokenizer"])
+    paths = {"ppo": tmp_path / "ppo-beta0.05" / "ppo.pt", "rloo": tmp_path / "rloo-beta0.05" / "ppo.pt",
+             "dpo": tmp_path / "dpo-beta0.1" / "dpo.pt"}
+    for method, path in paths.items():  # the SFT weights under each stage's name: this test is about the page
+        path.parent.mkdir()
+        stage = "dpo" if method == "dpo" else "ppo"
+        save_checkpoint(path, model, stage=stage, args=dict(estimator=method) if stage == "ppo" else {}, **meta)
+    assert policy_name(tmp_path / "rloo" / "ppo_step20.pt", load_checkpoint(paths["rloo"])) == "rloo_step20"
+    client, labels = served(["--policies", str(root / "out" / "sft.pt"), *map(str, paths.values()), "--data-dir",
+                             str(root / "data"), "--n-pairs", "40", "--samples", "1", "--out", str(tmp_path / "m.json"),
+                             "--ref-fraction", "0"])
+    shown = {name for p in labels.pairs for name, _ in p["summaries"]}
+    assert shown == {"sft_t0.7", "ppo_t0.7", "rloo_t0.7", "dpo_t0.7"}  # no folder needed to tell PPO from RLOO
+    client.judge("ann", 3)
+    written = json.loads((tmp_path / "m.json").read_text())
+    assert {s["policy"] for s in written["summaries"]} <= shown
