@@ -56,7 +56,7 @@ DEFAULTS = {
     "tldr": dict(episodes=1_000_000, rollout_batch_size=512, minibatch_size=64, micro_batch_size=16,
                  lr=None, eval_every=10, eval_n=256, save_every=100),
     "synth": dict(episodes=3200, rollout_batch_size=64, minibatch_size=16, micro_batch_size=16,
-                  lr=3e-5, eval_every=10, eval_n=250, save_every=10),
+                  lr=6e-5, eval_every=10, eval_n=250, save_every=10),
 }
 
 
@@ -396,7 +396,7 @@ def parse_args(argv=None):
                    "(gae: 1; rloo: 4, at least 2); a divisor of --rollout-batch-size")
     p.add_argument("--lr", type=positive_float, help="peak learning rate, decayed linearly to 0. "
                    "tldr: the paper's PPO rates (1.5e-5 at 1.3B, 7e-6 at 6.7B) along their power law, "
-                   "but never above 1.5e-5 (so 1.5e-5 for every GPT-2; see tldr_lr); synth: 3e-5")
+                   "but never above 1.5e-5 (so 1.5e-5 for every GPT-2; see tldr_lr); synth: 6e-5")
     p.add_argument("--gamma", type=fraction, default=1.0, help="discount, 0 to 1")
     p.add_argument("--lam", type=fraction, default=0.95, help="GAE lambda, 0 to 1")
     p.add_argument("--clip", type=positive_float, default=0.2, help="policy ratio clip: the ratio "

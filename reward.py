@@ -55,9 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--valid-posts", type=positive_int, default=1000, help="synth: held-out validation posts, one each")
     p.add_argument("--samples", type=positive_int, default=2,
                    help="synth: SFT samples per post to pair with each other")
-    p.add_argument("--temperature", type=nonnegative_float, default=1.0, help="synth: sampling temperature of those "
-                   "samples (variety: at 0, the most likely tokens, both samples are the same, so every pair is one "
-                   "of them and the reference)")
+    p.add_argument("--temperature", type=nonnegative_float, default=0.7, help="synth: sampling temperature of those "
+                   "samples; 0.7 is the temperature of most of the released comparisons' samples (at 1.0 more pairs "
+                   "hold a blatant slip that labelers always catch and a small RM cannot check, see docs/results.md; "
+                   "at 0 both samples are the same, so every pair is one of them and the reference)")
     p.add_argument("--ref-fraction", type=fraction, default=0.25, help="synth: fraction of pairs with the reference "
                    "(0 to 1)")
     p.add_argument("--labelers", type=positive_int, default=10, help="synth: simulated labelers")

@@ -54,7 +54,7 @@ from support.files import atomic_write
 # the world's tables. Everything is ASCII and free of apostrophes, so each word is one token. Editing them changes
 # the world: bump WORLD (and data.SYNTH_TOKENIZER if the set of words changes).
 
-WORLD = "synth2"
+WORLD = "synth3"
 
 SUBREDDITS = {"relationships": ["boyfriend", "girlfriend", "husband", "wife"],
               "dating_advice": ["boyfriend", "girlfriend"],
@@ -107,10 +107,13 @@ MAIN_FORMS = {("short", True): "My {rel} of {dur} {vp}.", ("short", False): "My 
 # The poster's habits (probabilities). Most references leave out the name, the duration, what was tried or the
 # question, some add an irrelevant detail, a few state something false: beatable, like the paper's references, and a
 # supervised policy that imitates them at temperature 0 inherits the omissions, which is the room left for RL
-# (Section 4.1). Four facts to copy, each from the post, leave room for bigger models too. Every choice has a clear
-# favourite (after the first sentence, ending is likelier than any one addition: 0.8 x 0.7 x 0.7 = 0.39), so what
-# a supervised policy writes at temperature 0 does not hinge on a near tie.
-POSTER = dict(name=0.25, duration=0.25, tried=0.2, question=0.3, bare=0.12, long=0.3, detail=0.3, wrong=0.15)
+# (Section 4.1). Every choice has a clear favourite (after the first sentence, ending is likelier than any one
+# addition: 0.8 x 0.7 x 0.7 = 0.39), so what a supervised policy writes at temperature 0 does not hinge on a near tie.
+# The name and the duration are rare (synth2 had them in a quarter of the references): a small model seldom sees
+# them and does not learn to copy them, so its samples get them wrong, which a small reward model cannot check.
+# Then whether PPO adds them was a coin flip between seeds and machines; now no small policy does, and they are
+# the headroom that a model able to copy could take (docs/results.md).
+POSTER = dict(name=0.1, duration=0.1, tried=0.2, question=0.3, bare=0.12, long=0.3, detail=0.3, wrong=0.15)
 # Gold rubric (see gold_score). Coverage weights sum to 1; BUDGET is the synthetic analogue of the 48-token limit.
 # AXIS_WEIGHTS weigh the axes in the total: what is said counts twice as much as how it reads.
 COVER = dict(rel=0.15, name=0.1, vp=0.3, dur=0.15, tried=0.15, q=0.15)
@@ -485,7 +488,7 @@ def second_opinion_agreement(comparisons, labelers, rng):
     return p, math.sqrt(p * (1 - p) / len(same))
 
 
-def collect(policies, records, enc, labelers, rng, samples=2, temperature=1.0, ref_fraction=0.25, split="train",
+def collect(policies, records, enc, labelers, rng, samples=2, temperature=0.7, ref_fraction=0.25, split="train",
             batch="synth_sft", **sampling):
     """Step 1 with the simulated labelers: `samples` summaries per post from each policy ({name: model}), at a
     temperature that gives variety, paired mostly with each other plus some references (ref_fraction), judged by
@@ -543,7 +546,7 @@ def main():
     co.add_argument("--split", default="valid", choices=["train", "valid", "test", "transfer"], help="posts to use")
     co.add_argument("--n-posts", type=positive_int, default=500, help="posts, one comparison each")
     co.add_argument("--samples", type=positive_int, default=2, help="samples per post and policy")
-    co.add_argument("--temperature", type=nonnegative_float, default=1.0, help="sampling temperature (0: the most "
+    co.add_argument("--temperature", type=nonnegative_float, default=0.7, help="sampling temperature (0: the most "
                     "likely tokens, one summary per policy)")
     co.add_argument("--ref-fraction", type=fraction, default=0.25, help="fraction of pairs with the reference (0 to 1)")
     args = parser.parse_args()

@@ -58,7 +58,7 @@ def test_synth_world_and_tokenizer_are_pinned(enc):
     # the same records and tokens on every machine and run; if the world's tables change on purpose, bump
     # synth.WORLD (and data.SYNTH_TOKENIZER when its words change) and these numbers together
     records = json.dumps([synth.synth_record(0, split, i) for split in ("train", "transfer") for i in range(20)])
-    assert hashlib.sha256(records.encode()).hexdigest()[:16] == "82737ab65be3492d"
+    assert hashlib.sha256(records.encode()).hexdigest()[:16] == "911d7bd822389776"
     assert enc.n_vocab == 1241
     assert enc.encode_ordinary(" How do I get him to stop?") == [612, 939, 617, 978, 1002, 1205, 1179, 63]
 
@@ -100,10 +100,12 @@ def test_gold_rewards_a_concise_complete_summary(world):
 
 def test_references_are_beatable(world):
     assert synth.gold_win_rate(world, [synth.perfect_summary(r) for r in world]) > 0.9
-    # a policy that copies the poster's most common habits (who and what only) still wins now and then
-    assert 0.2 < synth.gold_win_rate(world, [synth.perturb_summary(r, "shorter") for r in world]) < 0.45
+    # a policy that copies the poster's most common habits (who and what only) wins about half the time (ties count
+    # a half): the references are flawed, but not so much that imitating their omissions beats them
+    assert 0.35 < synth.gold_win_rate(world, [synth.perturb_summary(r, "shorter") for r in world]) < 0.6
     scores = [synth.gold_score(r, r["summary"]) for r in world]
-    assert 0.5 < np.mean([s["coverage"] for s in scores]) < 0.85 and np.mean([s["accuracy"] for s in scores]) < 1
+    # about half the key facts' weight (the problem, who, now and then what was tried or the question), and a slip
+    assert 0.4 < np.mean([s["coverage"] for s in scores]) < 0.7 and np.mean([s["accuracy"] for s in scores]) < 1
     assert all(s["coherence"] == 1 for s in scores)  # flawed in content, never in form
 
 
@@ -188,15 +190,15 @@ def test_a_post_edited_by_hand_is_refused_when_read_naming_file_and_line(tmp_pat
     assert data.load_split("synth", "valid", tmp_path)[2]["summary"] == "My own words."
     post = synth.synth_record(0, "valid", 2)["post"]
     edit_line(tmp_path / "valid.jsonl", 3, post=post.replace(" have ", " had ", 1))
-    with pytest.raises(data.DataError, match=f"^{tmp_path / 'valid.jsonl'}:3: post of synth2_0_valid_2 differs from "
-                                             "the synthetic world's synth2 from character"):
+    with pytest.raises(data.DataError, match=f"^{tmp_path / 'valid.jsonl'}:3: post of synth3_0_valid_2 differs from "
+                                             "the synthetic world.s synth3 from character"):
         data.load_split("synth", "valid", tmp_path)
     # the same in a comparisons file (reward.py --comparisons, evaluate.py, label.py --relabel)
     rec = dict(synth.synth_record(0, "valid", 5), post=post)
     comps = [data.comparison_record(synth.synth_record(0, "valid", 4), [("a", "x"), ("b", "y")], 0, "w", "valid2", "b"),
              data.comparison_record(rec, [("a", "x"), ("b", "y")], 0, "w", "valid2", "b")]
     data.write_jsonl(tmp_path / "c.json", comps)
-    with pytest.raises(data.DataError, match=f"^{tmp_path / 'c.json'}:2: post of synth2_0_valid_5 differs"):
+    with pytest.raises(data.DataError, match=f"^{tmp_path / 'c.json'}:2: post of synth3_0_valid_5 differs"):
         data.read_comparisons(tmp_path / "c.json")
 
 
@@ -204,7 +206,7 @@ def test_sft_refuses_an_edited_post_before_it_trains(tmp_path):
     import sft
     synth.write_synth(tmp_path / "data", sizes=dict(train=32, valid=16, test=1, transfer=1), n_labelers=2)
     edit_line(tmp_path / "data" / "valid.jsonl", 5, post="I wrote this post myself.")
-    with pytest.raises(data.DataError, match=f"{tmp_path / 'data' / 'valid.jsonl'}:5: post of synth2_0_valid_4 "):
+    with pytest.raises(data.DataError, match=f"{tmp_path / 'data' / 'valid.jsonl'}:5: post of synth3_0_valid_4 "):
         sft.main(["--task", "synth", "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"),
                   "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--n-layer", "1", "--n-head", "1",
                   "--n-embd", "16", "--batch-size", "16", "--sample-n", "4"])

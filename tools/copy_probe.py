@@ -1,7 +1,7 @@
 """
 Has a synth policy learned to copy facts from the post? For validation posts, teacher-force the start of a summary
 and read the probability of the right next token:
-  name      after "My <relation>", the other person's name (present in a quarter of the references; chance 1/12)
+  name      after "My <relation>", the other person's name (present in a tenth of the references; chance 1/12)
   duration  after "My <relation> of", the number of the duration (chance 1/10)
   tried     after "My <relation> <problem>. I", the first word of what the poster tried
 
