@@ -74,14 +74,23 @@ def print_table(results):
               f"{fmt(row.get('kl'), '.2f'):>7}{fmt(row.get('rm_score'), '.2f'):>8}")
 
 
-def plot(results, out):
-    """PNG figures when matplotlib is installed (it never becomes a requirement). Returns the files written."""
+def pyplot(who):
+    """matplotlib.pyplot drawing to files, or None (saying so, as `who`) where matplotlib is not installed: figures
+    are optional everywhere, and matplotlib never becomes a requirement."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("evaluate: matplotlib is not installed; no plots (pip install matplotlib to get them)")
+        print(f"{who}: matplotlib is not installed; no figures (pip install matplotlib to get them)")
+        return None
+    return plt
+
+
+def plot(results, out):
+    """PNG figures when matplotlib is installed. Returns the files written."""
+    plt = pyplot("evaluate")
+    if plt is None:
         return []
     written, judge = [], results["judge"]
     fig, ax = plt.subplots(figsize=(5, 3.2))

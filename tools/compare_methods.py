@@ -162,12 +162,9 @@ def report(found):
 
 
 def plot(found, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("compare: matplotlib is not installed; no chart (pip install matplotlib)")
+    from support.eval_report import pyplot
+    plt = pyplot("compare")
+    if plt is None:
         return
     colors = {"sft": "black", "ppo": "#fc8d62", "rloo": "#8da0cb", "dpo": "#66c2a5", "best-of-N": "#e78ac3"}
     markers = ["o", "s", "^", "D"]

@@ -33,6 +33,7 @@ import sft  # noqa: E402
 import synth  # noqa: E402
 from model import SYNTH_SIZES  # noqa: E402
 from support.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from support.eval_report import pyplot  # noqa: E402
 from support.machine import matmul_peak  # noqa: E402
 
 
@@ -163,12 +164,8 @@ def figure6(runs, base, data_dir, fractions):
 
 
 def plots(found, folder):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("findings: matplotlib is not installed; no PNGs (pip install matplotlib)")
+    plt = pyplot("findings")
+    if plt is None:
         return
     rows = found["figure1"]
     x = [r["parameters"] for r in rows]
