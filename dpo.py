@@ -33,7 +33,7 @@ import synth  # noqa: F401  the synthetic task's world: its tokenizer's words
 from model import autocast, pick_dtype, response_logprobs, trim_padding
 from support import distributed, synth_comparisons
 from support.checkpoint import (CheckpointError, check_resume, input_digests, load_checkpoint, load_resume_state,
-                                model_from_checkpoint, save_final, save_resume_state, stop_if_not_finite)
+                                model_from_checkpoint, save_final, save_or_stop, stop_if_not_finite)
 from support.cli import (add_run_args, add_task_args, fill_task_defaults, nonnegative_float, positive_float,
                          positive_int)
 from support.comparisons import load_comparisons, split_rows
@@ -227,11 +227,8 @@ def run(args):
         print(f"step {step}/{total_steps} | loss {loss:.4f} | acc {acc:.3f} | margin {margin:.3f} | lr {lr:.2e} | "
               f"{row['pairs_per_s']:.0f} pairs/s | {row['elapsed']:.1f}s"
               + (f" | val acc {row['val']['accuracy']:.3f}" if "val" in row else ""))
-        if (step % args.save_every == 0 or step == args.stop_after) and distributed.is_main():
-            save_resume_state(out / "dpo.resume.pt", policy, optimizer, stage="dpo", task=args.task,
-                              tokenizer=enc.name, args=args, step=step, inputs=inputs)
-        if step == args.stop_after and step < total_steps:
-            print(f"dpo: stopped after step {step} (--stop-after); continue with --resume")
+        if save_or_stop(out, policy, optimizer, step, total_steps, stage="dpo", args=args, task=args.task,
+                        tokenizer=enc.name, inputs=inputs):
             return
     log.close()
 

@@ -28,7 +28,7 @@ from model import autocast, pick_dtype, reward_at_eos, trim_padding
 from support import distributed, synth_comparisons
 from support.comparisons import load_comparisons, split_rows
 from support.checkpoint import (CheckpointError, check_resume, input_digests, load_checkpoint, load_resume_state,
-                                model_from_checkpoint, save_final, save_resume_state, stop_if_not_finite)
+                                model_from_checkpoint, save_final, save_or_stop, stop_if_not_finite)
 from support.cli import (add_run_args, add_task_args, fill_task_defaults, fraction, nonnegative_float, positive_float,
                          positive_int, warmup_fraction)
 from support.files import run_lock
@@ -296,11 +296,8 @@ def run(args):
         print(f"step {step}/{total_steps} | loss {loss:.4f} | acc {acc:.3f} | lr {lr:.2e} | "
               f"{row['pairs_per_s']:.0f} pairs/s | {row['elapsed']:.1f}s"
               + (f" | val acc {row['val_accuracy']:.3f}" if "val_accuracy" in row else ""))
-        if (step % args.save_every == 0 or step == args.stop_after) and distributed.is_main():
-            save_resume_state(out / "reward.resume.pt", rm, optimizer, stage="reward", task=args.task,
-                              tokenizer=enc.name, args=args, step=step, inputs=inputs)
-        if step == args.stop_after and step < total_steps:
-            print(f"reward: stopped after step {step} (--stop-after); continue with --resume")
+        if save_or_stop(out, rm, optimizer, step, total_steps, stage="reward", args=args, task=args.task,
+                        tokenizer=enc.name, inputs=inputs):
             return
     log.close()
 

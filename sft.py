@@ -26,7 +26,7 @@ import synth  # the synthetic task's world: its tokenizer's words, its data (mad
 from model import SYNTH_SIZES, GPT, GPTConfig, autocast, pick_dtype, sample_responses, trim_padding
 from support import distributed, hf
 from support.checkpoint import (CheckpointError, check_finite, input_digests, load_checkpoint, load_resume_state,
-                                model_from_checkpoint, save_final, save_resume_state, stop_if_not_finite)
+                                model_from_checkpoint, save_final, save_or_stop, stop_if_not_finite)
 from support.cli import (add_run_args, add_task_args, fill_task_defaults, nonnegative_float, positive_float,
                          positive_int, warmup_fraction)
 from support.files import run_lock
@@ -279,11 +279,8 @@ def run(args):
         log.write(row)
         print(f"step {step}/{total_steps} | loss {row['loss']:.4f} | lr {lr:.2e} | {row['tokens_per_s']:,.0f} tok/s"
               f" | {row['elapsed']:.1f}s" + (f" | val loss {row['val_loss']:.4f}" if "val_loss" in row else ""))
-        if (step % args.save_every == 0 or step == args.stop_after) and distributed.is_main():
-            save_resume_state(out / "sft.resume.pt", model, optimizer, stage="sft", task=args.task,
-                              tokenizer=enc.name, args=args, step=step, inputs=inputs)
-        if step == args.stop_after and step < total_steps:
-            print(f"sft: stopped after step {step} (--stop-after); continue with --resume")
+        if save_or_stop(out, model, optimizer, step, total_steps, stage="sft", args=args, task=args.task,
+                        tokenizer=enc.name, inputs=inputs):
             return
     log.close()
 

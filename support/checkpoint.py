@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from model import GPT, GPTConfig
+from support import distributed
 from support.files import atomic_open, atomic_write
 
 FORMAT = "tldr-rlhf/1"
@@ -141,6 +142,17 @@ def save_resume_state(path, model, optimizer, *, stage, task, tokenizer, args, s
 RESUMABLE_CHANGES = {"resume", "stop_after", "device", "dtype", "compile", "out_dir", "cache_dir", "data_dir",
                      "micro_batch_size", "sample_batch_size", "eval_every", "save_every", "eval_n", "sample_n", "sft",
                      "reward", "model", "comparisons", "collect"}
+
+
+def save_or_stop(out, model, optimizer, step, total_steps, *, stage, args, **meta):
+    """The end of a training step of sft.py, reward.py or dpo.py: every --save-every steps and at --stop-after, the
+    resume state <out>/<stage>.resume.pt (rank 0). True when --stop-after ends the run here."""
+    if (step % args.save_every == 0 or step == args.stop_after) and distributed.is_main():
+        save_resume_state(out / f"{stage}.resume.pt", model, optimizer, stage=stage, args=args, step=step, **meta)
+    if step == args.stop_after and step < total_steps:
+        print(f"{stage}: stopped after step {step} (--stop-after); continue with --resume")
+        return True
+    return False
 
 
 def check_resume(path, stage, args, inputs, partial=False):
