@@ -60,3 +60,16 @@ def test_seeds_report_checks_each_target(tmp_path):
     assert all(checks.values())
     run("c", 0.60, 0.84, 0.76, 0.83)  # gain 24, spread 8, gap 7: each target fails
     assert not any(seeds.report(tmp_path, ["a", "b", "c"])["checks"].values())
+
+
+def test_the_size_axis_spans_16x_in_order(tmp_path):
+    """Figure 1 and 6 need a size axis like the paper's (1.3B to 12.9B, 10x): four synth sizes, each larger than the
+    one before, the largest at least 16x the smallest, counted as findings.parameters counts them (no embeddings)."""
+    from model import GPT, GPTConfig, SYNTH_SIZES
+    from support.checkpoint import save_checkpoint
+    counts = []
+    for name, shape in SYNTH_SIZES.items():
+        model = GPT(GPTConfig(vocab_size=100, block_size=32, **shape))
+        save_checkpoint(tmp_path / f"{name}.pt", model, stage="sft", task="synth", tokenizer="synth")
+        counts.append(findings.parameters(tmp_path / f"{name}.pt"))
+    assert len(counts) >= 4 and counts == sorted(set(counts)) and counts[-1] >= 16 * counts[0]

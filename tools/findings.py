@@ -246,16 +246,24 @@ def main(argv=None):
             print(f"findings: {size} seed {seed} done ({sum(minutes.values()):.1f} min of stages)")
     base = out / f"{args.middle}-seed0"
     betas_rows = ppo_betas(base, data_dir, sorted(args.betas), args.sweep_posts)
-    found = dict(figure1=figure1(runs), figure5=figure5(runs, betas_rows),
-                 figure6=figure6(runs, base, data_dir, sorted(args.fractions)),
+    f6 = figure6(runs, base, data_dir, sorted(args.fractions))
+    # The sweep's cost is every invocation's time added up (<out>/spent.json), so that a rerun which only redraws the
+    # figures from finished runs does not report its own minute as the sweep's (one killed before here is not counted).
+    # The matmul peak printed beside it is the longest invocation's, the one that ran most of the sweep.
+    spent = out / "spent.json"
+    sessions = json.loads(spent.read_text()) if spent.exists() else []
+    sessions.append(dict(minutes=(time.time() - t0) / 60, matmul_gflops=matmul_peak() / 1e9))
+    spent.write_text(json.dumps(sessions) + "\n")
+    found = dict(figure1=figure1(runs), figure5=figure5(runs, betas_rows), figure6=f6,
                  minutes={f"{s}-seed{r['seed']}": r["minutes"] for s, rs in runs.items() for r in rs},
-                 total_minutes=(time.time() - t0) / 60, matmul_gflops=matmul_peak() / 1e9)
+                 total_minutes=sum(x["minutes"] for x in sessions), invocations=sessions,
+                 matmul_gflops=max(sessions, key=lambda x: x["minutes"])["matmul_gflops"])
     folder = Path(args.results)
     folder.mkdir(exist_ok=True)
     (folder / "findings.json").write_text(json.dumps(found, indent=1) + "\n")
     plots(found, folder)
-    print(f"findings: {found['total_minutes']:.0f} min on a machine whose fp32 matmul peaks at "
-          f"{found['matmul_gflops']:.0f} GFLOP/s; wrote {folder / 'findings.json'} and the PNGs in {folder}")
+    print(f"findings: {found['total_minutes']:.0f} min in {len(sessions)} invocation(s) on a machine whose fp32 matmul "
+          f"peaks at {found['matmul_gflops']:.0f} GFLOP/s; wrote {folder / 'findings.json'} and the PNGs in {folder}")
 
 
 if __name__ == "__main__":
