@@ -33,8 +33,9 @@ PRESETS = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
 # The synthetic task's sizes, trained from scratch: its model-size axis (the paper's runs 1.3B to 12.9B). Parameters
-# without the embeddings: 0.06M, 0.34M, 0.79M, 1.24M (22x), chosen so that tools/findings.py runs all four, 2 seeds each,
-# in about 2 hours on 2 cores (a 6 x 192 synth-l, 2.7M, needed 15 minutes for its SFT alone). The quick start trains synth-s.
+# without the embeddings: 0.06M, 0.34M, 0.79M, 1.24M (22x), chosen so that tools/findings.py runs all four, 2 seeds
+# each, in about 2 hours on 2 cores (a 6 x 192 synth-l, 2.7M, needed 15 minutes for its SFT alone). The quick start
+# trains synth-s.
 SYNTH_SIZES = {
     "synth-xs": dict(n_layer=2, n_head=2, n_embd=48),
     "synth-s": dict(n_layer=3, n_head=4, n_embd=96),
