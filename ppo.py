@@ -53,9 +53,9 @@ from support.steplog import StepLog
 # tldr follows the paper and Huang et al. (2024): 512 episodes per update, 4 epochs, ~1M episodes,
 # lr by model size. synth is sized for a 2-core CPU and was chosen by measurement (see docs/results.md).
 DEFAULTS = {
-    "tldr": dict(episodes=1_000_000, rollout_batch_size=512, minibatch_size=64, micro_batch_size=16,
+    "tldr": dict(beta=0.05, episodes=1_000_000, rollout_batch_size=512, minibatch_size=64, micro_batch_size=16,
                  lr=None, eval_every=10, eval_n=256, save_every=100),
-    "synth": dict(episodes=3200, rollout_batch_size=64, minibatch_size=16, micro_batch_size=16,
+    "synth": dict(beta=0.1, episodes=3200, rollout_batch_size=64, minibatch_size=16, micro_batch_size=16,
                   lr=6e-5, eval_every=10, eval_n=250, save_every=10),
 }
 
@@ -364,8 +364,9 @@ def parse_args(argv=None):
     p.add_argument("--sft", help="policy and reference (default: <out>/sft.pt)")
     p.add_argument("--reward", help="reward model, the value network's start (default: <out>/reward.pt)")
     # the objective
-    p.add_argument("--beta", type=nonnegative_float, default=0.05,
-                   help="KL penalty coefficient (the paper: 0.05; 0: no penalty)")
+    p.add_argument("--beta", type=nonnegative_float, help="KL penalty coefficient; 0: no penalty. tldr: 0.05, the "
+                   "paper's; synth: 0.1, where at 0.05 some seeds and machines find the reward model's blind spots "
+                   "(false sentences it scores up) and others do not")
     p.add_argument("--target-kl", type=positive_float, help="adapt beta so the KL per response "
                    "tracks this many nats (Ziegler et al. 2019); off by default: beta stays fixed")
     p.add_argument("--kl-horizon", type=positive_int, default=10_000,

@@ -1,14 +1,14 @@
 """
 RLHF on a laptop: the whole loop of the paper on the synthetic TL;DR, in one command, on a CPU, in minutes.
 
-    python quickstart.py             # data -> SFT -> reward model -> PPO (beta 0.05) -> evaluation, ~11 min on 2 cores
+    python quickstart.py             # data -> SFT -> reward model -> PPO (beta 0.1) -> evaluation, ~9 min on 2 cores
     python quickstart.py --seed 1    # another seed: a fresh SFT init, data order, comparisons, labelers and PPO run
 
 Each step is the stage script with its defaults (run in this process, so the figures below are the stages' own):
   1. python synth.py                  posts, references and simulated labelers            -> data/synth/
   2. python sft.py                    supervised fine-tuning on the references             -> <out>/sft.pt
   3. python reward.py --collect       labelers compare SFT samples; the RM learns them     -> <out>/reward.pt
-  4. python ppo.py --beta 0.05        PPO against the RM with a KL penalty to SFT          -> <out>/ppo.pt
+  4. python ppo.py                    PPO against the RM with a KL penalty to SFT (0.1)    -> <out>/ppo.pt
   5. python evaluate.py               gold preference over references, KL, best-of-N, ... -> <out>/eval.json
 and ends with the paper's figure 1 in miniature: how often the gold labeler prefers each policy's summary to the
 reference, beside the RM's held-out accuracy and the simulated labelers' agreement on the same pairs.
@@ -50,7 +50,7 @@ def main(argv=None):
     steps = [("synthetic data", lambda: synth.write_synth(args.data_dir, seed=0)),
              ("supervised fine-tuning", lambda: sft.main(common + ["--model", args.model])),
              ("comparisons and the reward model", lambda: reward.main(common + ["--collect"])),
-             ("PPO against the reward model, beta 0.05", lambda: ppo.main(common + ["--beta", "0.05"])),
+             (f"PPO against the reward model, beta {ppo.DEFAULTS['synth']['beta']:g}", lambda: ppo.main(common)),
              ("evaluation", lambda: evaluate.main(common + ["--no-plots"]))]
     t_start, times = time.time(), []
     for i, (name, step) in enumerate(steps, 1):

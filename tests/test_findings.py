@@ -1,5 +1,6 @@
 """tools/findings.py's fits: Gao et al. (2022)'s functional forms recovered from exact curves, their peaks, and the
-points-per-doubling slope of figure 6."""
+points-per-doubling slope of figure 6; tools/seeds.py's verdicts; both tools' refusal to reuse a run of another
+setting."""
 import importlib.util
 import json
 from pathlib import Path
@@ -11,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("findings", ROOT / "tools" / "findings.py")
 findings = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(findings)
+spec = importlib.util.spec_from_file_location("seeds", ROOT / "tools" / "seeds.py")
+seeds = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(seeds)
 
 
 def test_best_of_n_form_is_recovered_with_its_peak():
@@ -40,9 +44,6 @@ def test_points_per_doubling():
 
 def test_seeds_report_checks_each_target(tmp_path):
     """tools/seeds.py's verdicts from the quick starts' eval.json: gain, spread and RM gap, each able to fail."""
-    spec = importlib.util.spec_from_file_location("seeds", ROOT / "tools" / "seeds.py")
-    seeds = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(seeds)
 
     def run(name, sft, ppo, rm, labelers):
         folder = tmp_path / name
@@ -73,3 +74,35 @@ def test_the_size_axis_spans_16x_in_order(tmp_path):
         save_checkpoint(tmp_path / f"{name}.pt", model, stage="sft", task="synth", tokenizer="synth")
         counts.append(findings.parameters(tmp_path / f"{name}.pt"))
     assert len(counts) >= 4 and counts == sorted(set(counts)) and counts[-1] >= 16 * counts[0]
+
+
+def test_a_finished_run_of_another_setting_is_refused_not_reused(tmp_path):
+    """findings.py reuses finished stages; one trained at another size's shape or another PPO beta (an earlier
+    version's defaults) would enter the figures as this sweep's, so run_loop stops and names the folder."""
+    from model import GPT, GPTConfig, SYNTH_SIZES
+    from support.checkpoint import save_checkpoint
+    import ppo
+    run = tmp_path / "synth-s-seed0"
+    run.mkdir()
+
+    def write(name, shape, stage, beta=None):
+        model = GPT(GPTConfig(vocab_size=50, block_size=16, **shape))
+        save_checkpoint(run / name, model, stage=stage, task="synth", tokenizer="synth",
+                        args=None if beta is None else dict(beta=beta))
+
+    write("sft.pt", SYNTH_SIZES["synth-s"], "sft")
+    write("ppo.pt", SYNTH_SIZES["synth-s"], "ppo", beta=ppo.DEFAULTS["synth"]["beta"])
+    assert findings.stale(run, "synth-s") is None
+    other = 2 * ppo.DEFAULTS["synth"]["beta"]
+    write("ppo.pt", SYNTH_SIZES["synth-s"], "ppo", beta=other)
+    why = f"synth-s-seed0 is from another setting: its ppo.pt was trained at beta {other:g}"
+    with pytest.raises(SystemExit, match=why):
+        findings.run_loop(run, tmp_path / "data", "synth-s", 0)
+    write("sft.pt", SYNTH_SIZES["synth-m"], "sft")
+    assert "its sft.pt is" in findings.stale(run, "synth-s")
+    # tools/seeds.py the same way: a finished quick start (its eval.json) at another beta is not reported as today's
+    (run / "eval.json").write_text("{}")
+    with pytest.raises(SystemExit, match=f"synth-s-seed0 is a quick start with PPO at beta {other:g}"):
+        seeds.quickstart(tmp_path, "synth-s-seed0", 0, {})
+    write("ppo.pt", SYNTH_SIZES["synth-s"], "ppo", beta=ppo.DEFAULTS["synth"]["beta"])
+    assert seeds.quickstart(tmp_path, "synth-s-seed0", 0, {}) is None  # today's: reused, nothing run

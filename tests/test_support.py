@@ -310,6 +310,9 @@ def test_a_meaningless_number_is_refused_naming_its_flag(script, flags, message,
     ("ppo", ["--task", "tldr"], "episodes", 1953 * 512),
     ("ppo", ["--rollout-batch-size", "48"], "episodes", 66 * 48),
     ("ppo", ["--episodes", "96", "--rollout-batch-size", "48"], "episodes", 96),
+    # the KL coefficient is the task's: tldr keeps the paper's 0.05, synth's is 0.1; a given 0 stays 0 (above)
+    ("ppo", ["--task", "tldr"], "beta", 0.05),
+    ("ppo", [], "beta", 0.1),
 ])
 def test_the_edges_of_each_range_are_accepted(script, flags, key, value, tmp_path, monkeypatch):
     assert getattr(parse_stage(script, flags, tmp_path, monkeypatch), key) == value

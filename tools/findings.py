@@ -5,7 +5,7 @@ figures the paper draws from such runs. Writes results/findings.json and results
     python tools/findings.py                                   # 4 sizes x 2 seeds, then the figures (see --help)
     python tools/findings.py --sizes synth-xs synth-s --seeds 0 --out out/findings-small    # a smaller sweep
 
-Each run lives in <out>/<size>-seed<S>/ (sft, reward, ppo at beta 0.05, evaluate: the quick start's defaults with
+Each run lives in <out>/<size>-seed<S>/ (sft, reward, ppo, evaluate: the quick start's defaults, PPO's beta 0.1, with
 --model <size>) and is reused when it finished, so an interrupted sweep continues where it stopped.
 
 figure1  gold preference over the references against policy size, for the references, SFT and PPO (the paper's
@@ -37,12 +37,31 @@ from support.eval_report import pyplot  # noqa: E402
 from support.machine import matmul_peak  # noqa: E402
 
 
+def stale(out, size):
+    """Why the finished stages in `out` are not this sweep's (another model shape, or PPO at another beta: an earlier
+    version's defaults), or None. Reused as they are, they would put two settings in one figure without a word."""
+    if (out / "sft.pt").exists():
+        config = load_checkpoint(out / "sft.pt")["config"]
+        shape = {k: config[k] for k in SYNTH_SIZES[size]}
+        if shape != SYNTH_SIZES[size]:
+            return f"its sft.pt is {shape}, {size} is now {SYNTH_SIZES[size]}"
+    if (out / "ppo.pt").exists():
+        beta, want = load_checkpoint(out / "ppo.pt")["args"]["beta"], ppo.DEFAULTS["synth"]["beta"]
+        if beta != want:
+            return f"its ppo.pt was trained at beta {beta:g}, ppo.py's synth default is now {want:g}"
+    return None
+
+
 def run_loop(out, data_dir, size, seed, extra_eval=()):
     """The quick start's four stages at one size and seed; a stage whose output exists is not run again."""
+    why = stale(out, size)
+    if why:
+        raise SystemExit(f"findings.py: {out} is from another setting: {why}. Move it away (or pass another --out) "
+                         "to run it anew")
     common = ["--task", "synth", "--data-dir", str(data_dir), "--out-dir", str(out), "--seed", str(seed)]
     stages = [("sft.pt", lambda: sft.main(common + ["--model", size])),
               ("reward.pt", lambda: reward.main(common)),
-              ("ppo.pt", lambda: ppo.main(common + ["--beta", "0.05"])),
+              ("ppo.pt", lambda: ppo.main(common)),
               ("eval.json", lambda: evaluate.main(common + ["--no-plots", *extra_eval]))]
     times = json.loads((out / "minutes.json").read_text()) if (out / "minutes.json").exists() else {}
     for done, stage in stages:
@@ -114,12 +133,12 @@ def figure5(runs, betas_rows):
 
 
 def ppo_betas(base, data_dir, betas, n_posts):
-    """PPO from the middle size's seed-0 SFT and RM at each beta (0.05: that run's own PPO), its checkpoints
-    (every 10 updates) judged by gold against their KL to SFT."""
+    """PPO from the middle size's seed-0 SFT and RM at each beta (at ppo.py's synth default: that run's own PPO), its
+    checkpoints (every 10 updates) judged by gold against their KL to SFT."""
     rows = []
     for beta in betas:
         out = base.parent / f"{base.name}-beta{beta:g}"
-        trained = base if beta == 0.05 else out
+        trained = base if beta == ppo.DEFAULTS["synth"]["beta"] else out
         common = ["--task", "synth", "--data-dir", str(data_dir), "--sft", str(base / "sft.pt"), "--reward",
                   str(base / "reward.pt")]
         if not (trained / "ppo.pt").exists():
@@ -222,8 +241,8 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds of every stage at each size")
     p.add_argument("--middle", default="synth-s", choices=list(SYNTH_SIZES), help="the size of figure 5's PPO betas "
                    "and figure 6's data axis (its seed-0 run; the quick start's)")
-    p.add_argument("--betas", nargs="+", type=float, default=[0.005, 0.01, 0.02, 0.05], help="figure 5: PPO's KL "
-                   "coefficients (0.05 reuses the run's own PPO)")
+    p.add_argument("--betas", nargs="+", type=float, default=[0.005, 0.01, 0.02, 0.05, 0.1], help="figure 5: "
+                   "PPO's KL coefficients (0.1, ppo.py's synth default, reuses the run's own PPO)")
     p.add_argument("--fractions", nargs="+", type=float, default=[0.125, 0.25, 0.5, 1.0], help="figure 6: fractions "
                    "of the comparisons")
     p.add_argument("--max-n", type=int, default=32, help="figure 5: best-of-N up to this N (KL up to 2.5 at 32)")

@@ -26,6 +26,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import ppo  # noqa: E402
+from support.checkpoint import load_checkpoint  # noqa: E402
 from support.machine import matmul_peak  # noqa: E402
 
 VARIANTS = {"1-thread": dict(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"), "avx2": dict(ATEN_CPU_CAPABILITY="avx2")}
@@ -40,6 +42,10 @@ def runs(seeds, variants):
 def quickstart(out, name, seed, env):
     folder = out / name
     if (folder / "eval.json").exists():
+        beta, want = load_checkpoint(folder / "ppo.pt")["args"]["beta"], ppo.DEFAULTS["synth"]["beta"]
+        if beta != want:  # an earlier version's quick start: reported as today's, it would mislead
+            raise SystemExit(f"seeds.py: {folder} is a quick start with PPO at beta {beta:g}, today's is {want:g}; "
+                             "move it away (or pass another --out) to run it anew")
         return
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "quickstart.log", "w") as log:
