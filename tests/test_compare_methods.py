@@ -1,5 +1,6 @@
 """tools/compare_methods.py's bookkeeping: each stage's own peak memory and time, a failed stage named with its log,
-a finished stage not run again, and the best setting of each method chosen on its mean over seeds."""
+a finished stage not run again unless its inputs changed, and the best setting of each method chosen on its mean over
+seeds."""
 import importlib.util
 import json
 import subprocess
@@ -40,6 +41,22 @@ def test_a_finished_stage_is_not_run_again_and_a_failed_one_names_its_log(tmp_pa
     with pytest.raises(SystemExit, match=r"failed \(exit 3\); see .*logs/broken.log"):
         compare.run_stage("broken", ["-c", "import sys; sys.exit(3)"], tmp_path / "never.pt", tmp_path, costs)
     assert "broken" not in costs
+
+
+def test_a_finished_stage_runs_again_when_its_inputs_changed(tmp_path):
+    """The evaluation is reused only while it judged the same policies: a grown grid of betas is judged again."""
+    touch = f"import pathlib; p = pathlib.Path({str(tmp_path / 'eval.json')!r}); p.write_text(p.read_text() + 'x') " \
+            "if p.exists() else p.write_text('x')"
+    runs = lambda: (tmp_path / "eval.json").read_text().count("x")  # noqa: E731
+    costs = {}
+    compare.run_stage("evaluate", ["-c", touch], tmp_path / "eval.json", tmp_path, costs, inputs=["a.pt", "b.pt"])
+    compare.run_stage("evaluate", ["-c", touch], tmp_path / "eval.json", tmp_path, costs, inputs=["a.pt", "b.pt"])
+    assert runs() == 1
+    compare.run_stage("evaluate", ["-c", touch], tmp_path / "eval.json", tmp_path, costs, inputs=["a.pt", "c.pt"])
+    assert runs() == 2
+    (tmp_path / "logs" / "evaluate.inputs.json").unlink()  # no record (an earlier version's run): judged again
+    compare.run_stage("evaluate", ["-c", touch], tmp_path / "eval.json", tmp_path, costs, inputs=["a.pt", "c.pt"])
+    assert runs() == 3
 
 
 def point(method, setting, preference, kl=1.0):

@@ -42,12 +42,14 @@ def read_costs(folder):
     return json.loads((folder / "costs.json").read_text()) if (folder / "costs.json").exists() else {}
 
 
-def run_stage(name, argv, done, folder, costs):
+def run_stage(name, argv, done, folder, costs, inputs=None):
     """Run `python argv` as its own process unless `done` exists; record its minutes and peak resident memory in
-    `costs` (and <folder>/costs.json). A failed stage stops the comparison, naming its log. Linux counts the
-    parent's resident set at the fork in the child's peak, so this process imports nothing large (torch) until every
-    stage has run."""
-    if done.exists():
+    `costs` (and <folder>/costs.json). `inputs` (a list of strings), when given, is recorded beside the log, and a
+    finished stage whose record differs runs again (the evaluation, once the grid of betas has grown). A failed stage
+    stops the comparison, naming its log. Linux counts the parent's resident set at the fork in the child's peak, so
+    this process imports nothing large (torch) until every stage has run."""
+    record = folder / "logs" / f"{name}.inputs.json"
+    if done.exists() and (inputs is None or record.exists() and json.loads(record.read_text()) == inputs):
         return
     log_path = folder / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +64,8 @@ def run_stage(name, argv, done, folder, costs):
     peak_gb = usage.ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)  # bytes on macOS, KiB on Linux
     costs[name] = dict(minutes=(time.time() - t0) / 60, peak_gb=peak_gb)
     (folder / "costs.json").write_text(json.dumps(costs, indent=1) + "\n")
+    if inputs is not None:
+        record.write_text(json.dumps(inputs) + "\n")
     print(f"compare: {folder.name} {name} done in {costs[name]['minutes']:.1f} min, peak {peak_gb:.2f} GB", flush=True)
 
 
@@ -90,9 +94,10 @@ def run_seed(folder, data_dir, seed, rl_betas, dpo_betas, max_n, n_posts, bon_po
     run_stage("best-of-N", ["evaluate.py", *common, *models, "--out-dir", folder / "bon", "--policies",
                             folder / "sft.pt", "--max-n", max_n, "--bon-posts", bon_posts, *judged],
               folder / "bon" / "eval.json", folder, costs)
+    judged_policies = [folder / "sft.pt", *(p for _, _, p in policies)]
     run_stage("evaluate", ["evaluate.py", *common, *models, "--out-dir", folder / "eval", "--policies",
-                           folder / "sft.pt", *(p for _, _, p in policies), "--max-n", 0, *judged],
-              folder / "eval" / "eval.json", folder, costs)
+                           *judged_policies, "--max-n", 0, *judged],
+              folder / "eval" / "eval.json", folder, costs, inputs=[str(p) for p in judged_policies])
     return policies
 
 
