@@ -2,7 +2,7 @@
 Which method? PPO, RLOO, DPO and best-of-N on the synthetic task, judged by its gold labeler at equal KL to SFT: the
 question users of RLHF ask, answered where a ground truth exists (the paper's figure 5, with four methods).
 
-    python tools/compare_methods.py                     # 2 seeds, 4 betas per method, best-of-N 1..64 (~80 min, 2 cores)
+    python tools/compare_methods.py                     # 2 seeds, 4 betas per method, best-of-N 1..64 (~1 h, 2 cores)
     python tools/compare_methods.py --seeds 0 --rl-betas 0.05 --dpo-betas 0.1     # one point per method
     python tools/compare_methods.py --report            # the table and chart again, from the finished runs
 
@@ -199,7 +199,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds of every stage (the world is seed 0)")
     p.add_argument("--rl-betas", nargs="+", type=float, default=[0.01, 0.02, 0.05, 0.1],
-                   help="KL coefficients of PPO and RLOO (the quick start: 0.05)")
+                   help="KL coefficients of PPO and RLOO (the quick start: 0.1)")
     p.add_argument("--dpo-betas", nargs="+", type=float, default=[0.03, 0.1, 0.3, 1.0],
                    help="DPO's beta (its synth default: 0.1; smaller strays further from SFT)")
     p.add_argument("--max-n", type=int, default=64, help="best-of-N for N = 1, 2, 4, ... up to this")
