@@ -1,11 +1,15 @@
 """
 Has a synth policy learned to copy facts from the post? For validation posts, teacher-force the start of a summary
 and read the probability of the right next token:
-  name      after "My <relation>", the other person's name (present in a tenth of the references; chance 1/12)
-  duration  after "My <relation> of", the number of the duration (chance 1/10)
+  name      after "My <relation>", the other person's name (present in a tenth of the references)
+  duration  after "My <relation> of", the number of the duration
   tried     after "My <relation> <problem>. I", the first word of what the poster tried
 
-    python tools/copy_probe.py out/synth/sft.pt            # mean probability and how often it is the argmax
+A model that rarely writes a name gives the right one a small probability even if it would copy it, so each probe
+also reads the right token's share among the tokens of its kind (the 24 names, the numbers 2-11, the first words of
+the attempts): chance there is 1/24, 1/10 and 1/5, and a model that knows only the other person's gender gets 1/12.
+
+    python tools/copy_probe.py out/synth/sft.pt            # mean probability, its share, how often it is the argmax
 """
 import argparse
 import sys
@@ -23,20 +27,29 @@ PROBES = {
     "duration": lambda f: (f" My {f['rel']} of", " " + f["dur"].split()[0]),
     "tried": lambda f: (f" My {f['rel']} {f['vp']}. I", " " + f["tried"].split()[0]),
 }
+KINDS = {  # every word a probe's answer can be: the right one's share among them is the copying itself
+    "name": [n for names in synth.NAMES.values() for n in names],
+    "duration": [str(n) for n in range(2, 12)],
+    "tried": sorted({t.split()[0] for t in synth.TRIED}),
+}
 
 
 @torch.no_grad()
-def probe(model, enc, records, make):
-    """Mean probability of the right next token, and the fraction of posts where it is the most likely one."""
-    prob, top = [], []
+def probe(model, enc, records, make, kind):
+    """Mean probability of the right next token, its mean share of the probability of the tokens of its kind, and
+    the fraction of posts where it is the most likely token."""
+    candidates = [enc.encode_ordinary(" " + w)[0] for w in kind]
+    prob, share, top = [], [], []
     for record in records:
         prefix, target = make(synth._facts(record))
         tokens = enc.encode_ordinary(data.format_query(record, enc, data.TASKS["synth"]["query_len"]) + prefix)
         p = torch.softmax(model(torch.tensor([tokens]))[0, -1].float(), -1)
         right = enc.encode_ordinary(target)[0]
         prob.append(float(p[right]))
+        share.append(float(p[right] / p[candidates].sum()))
         top.append(int(p.argmax()) == right)
-    return sum(prob) / len(prob), sum(top) / len(top)
+    n = len(records)
+    return sum(prob) / n, sum(share) / n, sum(top) / n
 
 
 def main():
@@ -48,8 +61,9 @@ def main():
     enc = data.get_tokenizer(data.SYNTH_TOKENIZER)
     records = [synth.synth_record(0, "valid", i) for i in range(args.posts)]
     for name, make in PROBES.items():
-        prob, top = probe(model, enc, records, make)
-        print(f"{name:<9} P(right token) {prob:.3f} | the most likely token {100 * top:.0f}% of the time")
+        prob, share, top = probe(model, enc, records, make, KINDS[name])
+        print(f"{name:<9} P(right token) {prob:.3f} | its share among the {len(KINDS[name])} of its kind {share:.3f} "
+              f"(chance {1 / len(KINDS[name]):.3f}) | the most likely token {100 * top:.0f}% of the time")
 
 
 if __name__ == "__main__":
